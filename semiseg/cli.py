@@ -1,0 +1,232 @@
+"""The `semiseg` command: demo, train, eval, predict, split, data-check.
+
+Errors the user can fix (a bad config key, a missing file, a wrong label value) are printed as one line and the
+command exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from semiseg.errors import SemisegError
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted config overrides, e.g. --set data.crop=321 optim.lr=0.002",
+    )
+
+
+def _default_run_dir(config_path: str | None, cfg) -> Path:
+    stem = Path(config_path).stem if config_path else cfg.method.name
+    return Path("runs") / stem
+
+
+def cmd_train(args) -> int:
+    from semiseg import config as config_mod
+    from semiseg.engine.loop import fit
+    from semiseg.methods import METHODS
+
+    cfg = config_mod.load(args.config, args.overrides)
+    run_dir = Path(args.out) if args.out else _default_run_dir(args.config, cfg)
+    method = METHODS[cfg.method.name]
+    if hasattr(method, "run"):
+        method.run(cfg, run_dir)
+    else:
+        fit(cfg, run_dir, method)
+    return 0
+
+
+def _load_run(target: str, overrides: list[str]):
+    """(cfg, model, info, checkpoint path) of a run folder or a .safetensors export."""
+    from semiseg import config as config_mod
+    from semiseg.data.datasets import dataset_info
+    from semiseg.engine.checkpoint import read_export
+    from semiseg.errors import CheckpointError
+    from semiseg.models import build_model
+
+    path = Path(target)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise CheckpointError(f"{target}: no best.safetensors or last.safetensors in this run folder")
+    sd, meta = read_export(path)
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: not a semiseg export (no config in its metadata)")
+    raw = config_mod.apply_overrides(meta["config"], overrides)
+    cfg = config_mod.from_dict(raw, f"{path} (embedded config): ")
+    info = dataset_info(cfg.data)
+    model = build_model(config_mod.replace(cfg, model={"pretrained": ""}).model, info.num_classes)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing:
+        raise CheckpointError(f"{path}: missing keys for this model, e.g. {missing[0]} ({len(missing)} in all)")
+    return cfg, model, info, path
+
+
+def cmd_eval(args) -> int:
+    from semiseg.data.datasets import build_dataset
+    from semiseg.engine import dist
+    from semiseg.engine.checkpoint import atomic_write_json
+    from semiseg.engine.evaluate import evaluate, format_table
+
+    cfg, model, info, path = _load_run(args.target, args.overrides)
+    device = dist.init(cfg.train.device if args.device is None else args.device)
+    split = args.split or cfg.data.val_split
+    ds = build_dataset(cfg.data, split)
+    mode = args.mode or cfg.eval.mode or info.eval_mode
+    res = evaluate(
+        model.to(device),
+        ds,
+        info,
+        mode=mode,
+        window=cfg.eval.window or cfg.data.crop,
+        stride=cfg.eval.stride,
+        scales=cfg.eval.scales,
+        flip=cfg.eval.flip,
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        max_images=cfg.eval.max_images,
+    )
+    if dist.is_main():
+        print(format_table(res))
+        print(f"mIoU {res['miou']:.2f} on {split} ({mode}, {res['images']} images) — {path}")
+        out = Path(args.out) if args.out else path.parent / f"eval_{split}_{mode}.json"
+        atomic_write_json(out, {"split": split, "mode": mode, "checkpoint": str(path), **res})
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from semiseg.engine import dist
+    from semiseg.predict import list_images, predict_images
+
+    cfg, model, info, path = _load_run(args.target, args.overrides)
+    device = dist.init(cfg.train.device if args.device is None else args.device)
+    paths = list_images(args.images)
+    predict_images(model.to(device), paths, info, Path(args.out), mode=args.mode, window=cfg.data.crop, device=device)
+    return 0
+
+
+def _data_config(target: str, root: str | None, overrides: list[str]):
+    """A DataConfig from a YAML config or from a dataset name (+ --root)."""
+    from semiseg import config as config_mod
+
+    if target.endswith((".yaml", ".yml")):
+        cfg = config_mod.load(target, overrides)
+    else:
+        sets = [f"data.dataset={target}"] + ([f"data.root={root}"] if root else []) + list(overrides)
+        cfg = config_mod.load(None, sets)
+    if root and target.endswith((".yaml", ".yml")):
+        cfg = config_mod.replace(cfg, data={"root": root})
+    return cfg.data
+
+
+def cmd_split(args) -> int:
+    from semiseg.data.datasets import build_dataset
+    from semiseg.data.splits import fetch_split, make_split, write_split
+
+    if args.fetch:
+        fetch_split(args.fetch, Path(args.out), name=args.name, sha256=args.sha256)
+        return 0
+    data = _data_config(args.dataset, args.root, args.overrides)
+    ds = build_dataset(data, args.from_split)
+    lab_ids, unl_ids = make_split(ds.ids, args.labeled, args.seed)
+    by_id = {it.id: it for it in ds.items}
+    write_split(Path(args.out), [by_id[i] for i in lab_ids], [by_id[i] for i in unl_ids], root=data.root)
+    print(f"{len(lab_ids)} labeled, {len(unl_ids)} unlabeled ids of {args.from_split} -> {args.out}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from semiseg.data.check import run_check
+
+    data = _data_config(args.target, args.root, args.overrides)
+    splits = [s for s in args.splits.split(",") if s]
+    return run_check(data, splits)
+
+
+def cmd_demo(args) -> int:
+    from semiseg.demo import run_demo
+
+    return run_demo(Path(args.out), quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semiseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train supervised vs semi-supervised on the embedded synthetic dataset (CPU)")
+    p.add_argument("--out", default="runs/demo", help="run folder")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a config; rerunning the same command resumes")
+    p.add_argument("config", help="YAML preset, e.g. configs/demo.yaml")
+    p.add_argument("--out", help="run folder (default runs/<config name>)")
+    _add_set(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run folder or a .safetensors export")
+    p.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--split", help="split name (default: the config's val split)")
+    p.add_argument("--mode", choices=["whole", "sliding", "multiscale", "center_crop"], help="inference mode")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: the config's)")
+    p.add_argument("--out", help="results JSON (default: beside the checkpoint)")
+    _add_set(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="write index, colour and overlay PNGs for images")
+    p.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("images", metavar="IMAGES_OR_DIR")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mode", default="auto", choices=["auto", "whole", "sliding"], help="inference mode")
+    p.add_argument("--device", help="cpu | cuda | cuda:N")
+    _add_set(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("split", help="write labeled.txt / unlabeled.txt, or fetch a public split list")
+    p.add_argument("dataset", nargs="?", default="", metavar="DATASET_OR_CONFIG")
+    p.add_argument("--root", help="dataset root")
+    p.add_argument("--labeled", default="1/8", help="count (92) or fraction (1/8) of labeled images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-split", default="train", help="split the ids are drawn from")
+    p.add_argument("--out", required=True, help="folder for labeled.txt and unlabeled.txt")
+    p.add_argument("--fetch", help="URL or path of a published split list to fetch and verify instead")
+    p.add_argument("--name", help="with --fetch: the split's name for verification, e.g. pascal/92/labeled")
+    p.add_argument("--sha256", help="with --fetch: expected checksum")
+    _add_set(p)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("data-check", help="count images/masks, class frequencies, bad files and labels")
+    p.add_argument("target", metavar="DATASET_OR_CONFIG")
+    p.add_argument("--root", help="dataset root")
+    p.add_argument("--splits", default="train,val", help="comma-separated split names")
+    _add_set(p)
+    p.set_defaults(func=cmd_data_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SemisegError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Checkpoints: atomic writes, exact resume state, safe loading, model-only safetensors export.
+
+A run folder holds `last.pt` (full resume state) and `best.pt`, both written to a temporary file and renamed
+into place, so a crash mid-write leaves the previous file intact. Loading uses `torch.load(weights_only=True)`:
+only tensors and plain containers, never pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from semiseg.errors import CheckpointError
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call `write(tmp_path)` then rename the temporary file to `path` (same folder, so rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write_bytes(path, write)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save(path: Path, state: dict) -> None:
+    """torch.save `state` atomically."""
+    atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by `save`, never unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # pickle errors and truncated files carry long messages
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot load checkpoint ({first[:200]})") from None
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(net, "module") and isinstance(net.module, nn.Module):
+            net = net.module
+        elif hasattr(net, "_orig_mod"):
+            net = net._orig_mod
+        else:
+            return net
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Strip `module.` and `_orig_mod.` prefixes left by DDP and torch.compile."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = v
+    return out
+
+
+def rng_state(gen: torch.Generator | None = None) -> dict:
+    """Every random state a training step touches."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if gen is not None:
+        state["gen"] = gen.get_state()
+    return state
+
+
+def set_rng_state(state: dict, gen: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if gen is not None and "gen" in state:
+        gen.set_state(state["gen"])
+
+
+def export_model(path: Path, net: nn.Module, meta: dict) -> None:
+    """Model-only export: safetensors without wrapper prefixes, plus `meta` (config, classes) as JSON metadata."""
+    from safetensors.torch import save_file
+
+    sd = clean_state_dict(unwrap(net).state_dict())
+    # safetensors refuses shared storage; contiguous clones are cheap next to the export itself.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    metadata = {"semiseg": json.dumps(meta)}
+    atomic_write_bytes(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_export(path: Path) -> tuple[dict, dict]:
+    """(state_dict, meta) of a safetensors export written by `export_model`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("semiseg", "{}"))
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({str(err)[:200]})") from None
+    return sd, meta

@@ -1,0 +1,112 @@
+"""Models from a ModelConfig: BACKBONES and HEADS are explicit dicts from config names to constructors.
+
+model = build_model(cfg.model, info.num_classes)       # Segmentor; loads cfg.pretrained into the backbone
+logits = model(x)                                       # (B, K, H, W)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+from torch import nn
+
+from semiseg.config import ConfigError, ModelConfig
+from semiseg.models.deeplab import (
+    CTTDeepLabV2Head,
+    DeepLabV2Head,
+    DeepLabV3Head,
+    DeepLabV3PlusHead,
+    default_rates,
+)
+from semiseg.models.pretrained import LoadReport, load_backbone_weights, read_state_dict
+from semiseg.models.resnet import STEMS, ResNet, build_resnet
+from semiseg.models.segmentor import MAIN, Segmentor, upsample
+from semiseg.models.xception import Xception, build_xception
+
+log = logging.getLogger(__name__)
+
+BACKBONES: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "resnet18": lambda cfg: build_resnet("resnet18", cfg.stem, cfg.width, cfg.output_stride),
+    "resnet34": lambda cfg: build_resnet("resnet34", cfg.stem, cfg.width, cfg.output_stride),
+    "resnet50": lambda cfg: build_resnet("resnet50", cfg.stem, cfg.width, cfg.output_stride),
+    "resnet101": lambda cfg: build_resnet("resnet101", cfg.stem, cfg.width, cfg.output_stride),
+    "xception65": lambda cfg: build_xception(cfg.output_stride),
+}
+
+HEADS: dict[str, Callable[[ModelConfig, Sequence[int], int, tuple[int, ...]], nn.Module]] = {
+    "deeplabv3plus": lambda cfg, ch, k, rates: DeepLabV3PlusHead(
+        ch, k, rates, cfg.head_channels, cfg.low_level_channels, cfg.dropout
+    ),
+    "deeplabv3": lambda cfg, ch, k, rates: DeepLabV3Head(ch, k, rates, cfg.head_channels, cfg.dropout),
+    "deeplabv2": lambda cfg, ch, k, rates: DeepLabV2Head(ch, k, rates),
+    "deeplabv2_ctt": lambda cfg, ch, k, rates: CTTDeepLabV2Head(ch, k, rates, cfg.head_channels),
+}
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Raises ConfigError (a ValueError) naming the first invalid model.* field."""
+    if cfg.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone: unknown {cfg.backbone!r}; valid: {', '.join(BACKBONES)}")
+    if cfg.head not in HEADS:
+        raise ConfigError(f"model.head: unknown {cfg.head!r}; valid: {', '.join(HEADS)}")
+    if cfg.backbone.startswith("resnet"):
+        if cfg.stem not in STEMS:
+            raise ConfigError(f"model.stem: unknown {cfg.stem!r}; valid: {', '.join(STEMS)}")
+        if cfg.output_stride not in (8, 16, 32):
+            raise ConfigError(f"model.output_stride: {cfg.output_stride} is not one of 8, 16, 32")
+        if cfg.width < 1:
+            raise ConfigError(f"model.width: must be positive, got {cfg.width}")
+    else:
+        if cfg.output_stride not in (8, 16):
+            raise ConfigError(f"model.output_stride: {cfg.output_stride} is not one of 8, 16 for {cfg.backbone}")
+        if cfg.width != 64:
+            raise ConfigError(f"model.width: {cfg.backbone} has a fixed width; leave width at 64")
+    if cfg.head_channels < 1 or cfg.low_level_channels < 1:
+        raise ConfigError("model.head_channels and model.low_level_channels must be positive")
+    if not 0.0 <= cfg.fp_dropout < 1.0:
+        raise ConfigError(f"model.fp_dropout: must be in [0, 1), got {cfg.fp_dropout}")
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """The randomly initialised encoder named by cfg.backbone; forward(x) -> [c1..c4], `channels` declared."""
+    check_model_config(cfg)
+    return BACKBONES[cfg.backbone](cfg)
+
+
+def build_head(cfg: ModelConfig, channels: Sequence[int], num_classes: int, head: str = "") -> nn.Module:
+    """Head `head` (default cfg.head) for a backbone with feature channels `channels`."""
+    name = head or cfg.head
+    if name not in HEADS:
+        raise ConfigError(f"model.head: unknown {name!r}; valid: {', '.join(HEADS)}")
+    rates = tuple(cfg.aspp_rates) or default_rates(name, cfg.output_stride)
+    return HEADS[name](cfg, tuple(channels), num_classes, rates)
+
+
+def build_model(cfg: ModelConfig, num_classes: int, extra_heads: Mapping[str, str] | None = None) -> Segmentor:
+    """Backbone + cfg.head (+ extra heads by head name, e.g. {"context": "deeplabv3"}); loads cfg.pretrained."""
+    backbone = build_backbone(cfg)
+    if cfg.pretrained:
+        report = load_backbone_weights(backbone, cfg.pretrained)
+        (log.warning if report.missing else log.info)("pretrained backbone: %s", report.summary())
+    head = build_head(cfg, backbone.channels, num_classes)
+    extras = {name: build_head(cfg, backbone.channels, num_classes, kind) for name, kind in (extra_heads or {}).items()}
+    return Segmentor(backbone, head, cfg.fp_dropout, extras, cfg.proj_dim)
+
+
+__all__ = [
+    "BACKBONES",
+    "HEADS",
+    "MAIN",
+    "LoadReport",
+    "ResNet",
+    "Segmentor",
+    "Xception",
+    "build_backbone",
+    "build_head",
+    "build_model",
+    "check_model_config",
+    "load_backbone_weights",
+    "read_state_dict",
+    "upsample",
+]

@@ -1,0 +1,109 @@
+import pytest
+
+from semiseg import config as C
+from semiseg.config import ConfigError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_sections():
+    cfg = C.load()
+    assert cfg.data.crop == 321 and cfg.optim.lr == 0.001 and cfg.method.name == "supervised"
+    assert isinstance(cfg.method, C.MethodConfig)
+
+
+def test_every_field_has_a_doc_line():
+    import ast
+    import inspect
+
+    src = inspect.getsource(C)
+    tree = ast.parse(src)
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Config") and node.name != "ConfigError":
+            body = node.body
+            for i, stmt in enumerate(body):
+                if isinstance(stmt, ast.AnnAssign):
+                    nxt = body[i + 1] if i + 1 < len(body) else None
+                    assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), (
+                        f"{node.name}.{stmt.target.id} has no doc line"
+                    )
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        C.load(p)
+    msg = str(e.value)
+    assert "optim.lrr" in msg and str(p) in msg and "\n" not in msg
+
+
+def test_unknown_section(tmp_path):
+    p = write(tmp_path, "optimizer:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="optimizer: unknown section"):
+        C.load(p)
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    p = write(tmp_path, "data:\n  crop: big\n")
+    with pytest.raises(ConfigError) as e:
+        C.load(p)
+    assert "data.crop" in str(e.value) and "expected int" in str(e.value) and str(p) in str(e.value)
+
+
+def test_bool_is_not_an_int(tmp_path):
+    p = write(tmp_path, "data:\n  crop: true\n")
+    with pytest.raises(ConfigError, match="data.crop"):
+        C.load(p)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = write(tmp_path, "data:\n  crop: 3\n bad: [\n")
+    with pytest.raises(ConfigError, match="line"):
+        C.load(p)
+
+
+def test_overrides_coerce_types(tmp_path):
+    p = write(tmp_path, "data:\n  crop: 100\n")
+    cfg = C.load(p, ["data.crop=321", "optim.lr=0.002", "data.scale_range=0.5,1.5", "train.channels_last=true"])
+    assert cfg.data.crop == 321 and cfg.optim.lr == 0.002
+    assert cfg.data.scale_range == (0.5, 1.5) and cfg.train.channels_last is True
+    cfg = C.load(None, ["optim.lr=1e-3", "train.epochs=1/2", "eval.scales=[1.0, 2]"])
+    assert cfg.optim.lr == 0.001 and cfg.train.epochs == 0.5 and cfg.eval.scales == (1.0, 2.0)
+
+
+def test_override_wrong_type_and_unknown_key():
+    with pytest.raises(ConfigError, match="data.crop"):
+        C.load(None, ["data.crop=abc"])
+    with pytest.raises(ConfigError, match="data.crp: unknown key"):
+        C.load(None, ["data.crp=3"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        C.load(None, ["data.crop"])
+
+
+def test_method_section_validated_against_method_config(tmp_path):
+    p = write(tmp_path, "method:\n  name: supervised\n  tau: 0.9\n")
+    with pytest.raises(ConfigError, match="method.tau: unknown key"):
+        C.load(p)
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        C.load(None, ["method.name=nope"])
+    with pytest.raises(ConfigError, match="criterion"):
+        C.load(None, ["method.criterion=focal"])
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = C.load(None, ["data.crop=97", "model.aspp_rates=[6, 12, 18]", "method.criterion=ohem"])
+    p = write(tmp_path, C.dump(cfg))
+    again = C.load(p)
+    assert again == cfg
+
+
+def test_frozen():
+    import dataclasses
+
+    cfg = C.load()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.crop = 3
