@@ -1,4 +1,4 @@
-"""The `semiseg` command: demo, train, eval, predict, split, data-check.
+"""The `semiseg` command: demo, train, eval, predict, split, data-check, bench, data get.
 
 Errors the user can fix (a bad config key, a missing file, a wrong label value) are printed as one line and the
 command exits with status 2; no traceback.
@@ -155,6 +155,31 @@ def cmd_data_check(args) -> int:
     return run_check(data, splits)
 
 
+def cmd_bench(args) -> int:
+    from semiseg.bench import parse_seeds, run_bench
+    from semiseg.config import ConfigError
+    from semiseg.report import write_report
+
+    if args.report_only:
+        print(write_report(Path(args.out), data_root=args.data_root))
+        return 0
+    if not args.preset or not args.methods:
+        raise ConfigError("bench: give a PRESET and --methods (or --report-only --out DIR)")
+    methods = [m for m in args.methods.split(",") if m.strip()]
+    run_bench(
+        args.preset, methods, Path(args.out), parse_seeds(args.seeds), args.labeled, args.data_root,
+        args.eval_split, args.overrides,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_data_get(args) -> int:
+    from semiseg.data.fetch import fetch_dataset
+
+    fetch_dataset(args.dataset, args.source, args.dest, link=args.link)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from semiseg.demo import run_demo
 
@@ -213,6 +238,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default="train,val", help="comma-separated split names")
     _add_set(p)
     p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("bench", help="compare methods on one protocol: results.json, results.md, report.html")
+    p.add_argument("preset", nargs="?", help="YAML preset or a name: camvid -> configs/camvid/bench.yaml")
+    p.add_argument("--methods", help="comma-separated methods; supervised and full references are always added")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds of the labeled split and training")
+    p.add_argument("--labeled", help="labeled fraction or count of the train split (default: the preset's)")
+    p.add_argument("--data-root", help="dataset root (default: the preset's data.root)")
+    p.add_argument("--eval-split", help="split the results are measured on (default: the preset's val split)")
+    p.add_argument("--out", required=True, help="bench folder; rerunning resumes it")
+    p.add_argument("--report-only", action="store_true", help="only rebuild report.html of an existing --out")
+    _add_set(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    g = data_sub.add_parser("get", help="fetch a dataset in the layout its reader expects")
+    g.add_argument("dataset", help="dataset name: camvid")
+    g.add_argument("--source", help="URL (zip/tar), folder or file:// path (default: the public SegNet archive)")
+    g.add_argument("--dest", help="destination folder (default: data/<dataset>)")
+    g.add_argument("--link", action="store_true", help="symlink a local source's folders instead of copying")
+    g.set_defaults(func=cmd_data_get)
     return parser
 
 

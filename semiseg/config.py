@@ -64,6 +64,8 @@ class DataConfig:
     """synthetic dataset: image side in pixels"""
     synthetic_seed: int = 0
     """synthetic dataset: generator seed"""
+    synthetic_clutter: float = 1.0
+    """synthetic dataset: background distractors, occluders and noise, 0 (clean scenes) to 1 (the full task)"""
     images_dir: str = "images"
     """folder dataset: images folder, relative to root"""
     masks_dir: str = "masks"

@@ -31,19 +31,22 @@ def small_cfg(backbone: str = "resnet18", head: str = "deeplabv3plus", output_st
     return ModelConfig(backbone=backbone, head=head, output_stride=output_stride, **{**base, **kw})
 
 
-def strides(backbone: str, output_stride: int) -> tuple[int, int, int, int]:
+def strides(output_stride: int) -> tuple[int, int, int, int]:
+    """Strides of c1..c4: only the last stages are dilated."""
     return (4, 8, min(16, output_stride), output_stride)
 
 
 @pytest.mark.parametrize("backbone,head,output_stride", CASES)
 def test_contract(backbone, head, output_stride):
     torch.manual_seed(0)
-    model = build_model(small_cfg(backbone, head, output_stride), NUM_CLASSES, extra_heads={"aux": "deeplabv3"})
+    stem = "deep" if backbone in ("resnet34", "resnet101") else "torchvision"
+    cfg = small_cfg(backbone, head, output_stride, stem=stem)
+    model = build_model(cfg, NUM_CLASSES, extra_heads={"aux": "deeplabv3"})
     h, w = (17, 23) if backbone == "xception65" else (33, 47)
     x = torch.randn(2, 3, h, w)
     feats = model.encode(x)
     assert [f.shape[1] for f in feats] == list(model.backbone.channels)
-    expected = [(math.ceil(h / s), math.ceil(w / s)) for s in strides(backbone, output_stride)]
+    expected = [(math.ceil(h / s), math.ceil(w / s)) for s in strides(output_stride)]
     assert [tuple(f.shape[-2:]) for f in feats] == expected
 
     logits, feat = model.forward_with_features(x)
@@ -102,9 +105,37 @@ def test_deep_stem_key_layout_matches_v1c_checkpoints():
 
 def test_torchvision_key_names():
     keys = set(build_resnet("resnet50", "torchvision", 16, 16).state_dict())
-    for k in ("conv1.weight", "bn1.running_var", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.bias",
-              "layer4.2.conv3.weight", "layer4.2.bn3.running_mean"):  # fmt: skip
-        assert k in keys
+    expected = {
+        "conv1.weight",
+        "bn1.running_var",
+        "layer1.0.downsample.0.weight",
+        "layer1.0.downsample.1.bias",
+        "layer4.2.conv3.weight",
+        "layer4.2.bn3.running_mean",
+    }
+    assert expected <= keys
+
+
+def test_xception_key_layout_matches_reference_checkpoint():
+    net = build_backbone(small_cfg("xception65"))
+    keys = set(net.state_dict())
+    expected = {
+        "conv1.weight",
+        "bn2.running_var",
+        "block1.skip.weight",
+        "block1.skipbn.bias",
+        "block2.sepconv1.depthwise.weight",
+        "block4.sepconv3.pointwise.weight",
+        "block19.sepconv2.bn1.weight",
+        "block20.skip.weight",
+        "block20.sepconv2.bn2.weight",
+        "conv5.pointwise.weight",
+        "conv5.bn2.bias",
+    }
+    assert expected <= keys
+    assert "block4.skip.weight" not in keys and "block21.sepconv1.depthwise.weight" not in keys
+    assert net.block20.sepconv1.pointwise.out_channels == 728 and net.block20.sepconv2.pointwise.out_channels == 1024
+    assert net.block2.sepconv3.depthwise.stride == (2, 2) and net.block3.sepconv3.depthwise.stride == (2, 2)
 
 
 @pytest.mark.parametrize(

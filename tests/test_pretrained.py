@@ -61,12 +61,16 @@ def test_containers_and_prefixes_are_unwrapped(tmp_path):
     assert_landed(net, state)
 
 
-def test_own_segmentor_export_takes_backbone_entries(tmp_path):
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_own_segmentor_export_takes_backbone_entries(tmp_path, suffix):
     cfg = ModelConfig(backbone="resnet18", stem="deep", width=8, head_channels=16, low_level_channels=8)
     torch.manual_seed(2)
     exported = build_model(cfg, 3)
-    path = tmp_path / "export.pth"
-    torch.save({"model": exported.state_dict()}, path)
+    path = tmp_path / f"export{suffix}"
+    if suffix == ".pth":
+        torch.save({"model": exported.state_dict()}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in exported.state_dict().items()}, str(path))
     torch.manual_seed(3)
     model = build_model(ModelConfig(**{**cfg.__dict__, "pretrained": str(path)}), 3)
     assert_landed(model.backbone, exported.backbone.state_dict())

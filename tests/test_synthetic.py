@@ -40,7 +40,8 @@ def test_every_class_appears_and_labels_are_in_range():
 
 
 def test_colour_alone_does_not_identify_a_class():
-    """The mean colour of one class varies across images about as much as any colour can."""
+    """The mean RGB colour of one class varies widely across images (hue is a cue, saturation, value and
+    lighting are random, neighbouring class hues overlap)."""
     means = {c: [] for c in range(1, len(CLASSES))}
     for i in range(40):
         img, mask = render(48, 0, "train", i)

@@ -203,15 +203,24 @@ class SegDataset(torch.utils.data.Dataset):
 class SyntheticDataset(SegDataset):
     """The embedded procedural dataset (semiseg.data.synthetic) behind the same interface as the readers."""
 
-    def __init__(self, items: Sequence[Item], size: int, seed: int, resize: float = 1.0, name: str = "synthetic"):
+    def __init__(
+        self,
+        items: Sequence[Item],
+        size: int,
+        seed: int,
+        resize: float = 1.0,
+        name: str = "synthetic",
+        clutter: float = 1.0,
+    ):
         super().__init__(items, synthetic.SYNTHETIC, MaskDecoder(), resize, name)
         self.size = size
         self.seed = seed
+        self.clutter = clutter
 
     def load(self, i: int) -> Sample:
         item = self.items[i]
         split, index = synthetic.parse_name(item.id)
-        image, mask = synthetic.render(self.size, self.seed, split, index)
+        image, mask = synthetic.render(self.size, self.seed, split, index, self.clutter)
         return Sample(image, mask, item.id)
 
 
@@ -239,7 +248,9 @@ def _build_synthetic(cfg: DataConfig, split: str, check_files: bool = True) -> S
         raise DataError(f"synthetic: unknown split {split!r}; choose from {', '.join(counts)} or a list file")
     if not items:
         raise DataError(f"synthetic: split {split!r} is empty")
-    return SyntheticDataset(items, cfg.synthetic_size, cfg.synthetic_seed, cfg.resize, f"synthetic:{split}")
+    return SyntheticDataset(
+        items, cfg.synthetic_size, cfg.synthetic_seed, cfg.resize, f"synthetic:{split}", cfg.synthetic_clutter
+    )
 
 
 def _require_root(cfg: DataConfig, hint: str) -> Path:

@@ -1,8 +1,8 @@
 """The embedded demo dataset: procedural scenes of textured shapes, deterministic from (seed, split, index).
 
 Each of six object classes has its own shape and its own texture (disc/radial shading, square/checker,
-triangle/dots, ring/gradient, cross/grain, wavy blob/stripes). Colours are random per object, so colour
-never identifies a class. Scenes add what makes real segmentation hard: cluttered textured backgrounds
+triangle/dots, ring/gradient, cross/grain, wavy blob/stripes). An object's hue lies near its class hue, but
+neighbouring classes overlap and saturation, value and lighting are random, so colour is a cue, never a proof. Scenes add what makes real segmentation hard: cluttered textured backgrounds
 with distractors that reuse the class textures on other shapes (bars, elongated ellipses, irregular
 patches), objects that occlude each other, lighting gradients, brightness/contrast changes and noise.
 A scene is drawn in normalised coordinates, so the same (seed, split, index) gives the same scene at any size.
@@ -31,6 +31,10 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 TEXTURES = ("shade", "checker", "dots", "gradient", "grain", "stripes")
 CLASS_TEXTURE = dict(zip(CLASSES[1:], TEXTURES))
 """each object class wears one texture; background distractors are plain or, sometimes, wear one of them"""
+
+CLASS_HUE_SPREAD = 0.12
+"""object colours: base hue within +-this many turns of the class hue (classes sit 1/6 turn apart, so
+neighbours overlap); colour is a cue, never a proof"""
 
 DECOY_TEXTURE_P = 0.3
 """probability that a background distractor wears a class texture (so texture alone is not enough)"""
@@ -142,8 +146,24 @@ def _decoy_texture(rng: np.random.Generator) -> str:
     return TEXTURES[rng.integers(len(TEXTURES))] if rng.random() < DECOY_TEXTURE_P else "plain"
 
 
-def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Two RGB colours in [0, 1] that a texture blends: a random base and a visibly different second one."""
+def _hsv(hue: float, sat: float, val: float) -> np.ndarray:
+    """RGB in [0, 1] of a hue (turns), saturation and value."""
+    k = (np.array([5.0, 3.0, 1.0]) + hue * 6) % 6
+    return (val - val * sat * np.clip(np.minimum(k, 4 - k), 0, 1)).astype(np.float32)
+
+
+def _colours(rng: np.random.Generator, label: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Two RGB colours in [0, 1] that a texture blends: a base and a visibly different second one.
+
+    Objects of class `label` take a base hue near their class hue, within CLASS_HUE_SPREAD, so neighbouring
+    classes overlap in colour; distractors (label None) take any colour.
+    """
+    if label is not None:
+        hue = (label - 1) / (len(CLASSES) - 1) + rng.uniform(-CLASS_HUE_SPREAD, CLASS_HUE_SPREAD)
+        sat, val = rng.uniform(0.5, 1.0), rng.uniform(0.35, 1.0)
+        # the texture's second colour keeps the hue family and differs in value
+        val_b = val - 0.35 if val > 0.65 else val + 0.35
+        return _hsv(hue, sat, val), _hsv(hue + rng.uniform(-0.04, 0.04), rng.uniform(0.5, 1.0), val_b)
     a = rng.random(3, dtype=np.float32)
     d = rng.standard_normal(3).astype(np.float32)
     b = np.clip(a + d / np.linalg.norm(d) * rng.uniform(0.3, 0.6), 0, 1)
@@ -157,14 +177,17 @@ def _draw(img, mask, rng, size, shape, texture, label, cx, cy, r):
     u, v = _frame(box, cx, cy, angle, size)
     inside = _shape(shape, u, v, r, rng)
     t = np.broadcast_to(_texture(texture, u, v, r, rng), inside.shape)[inside]
-    a, b = _colours(rng)
+    a, b = _colours(rng, label or None)
     img[box][inside] = a + (b - a) * t[:, None]
     if label is not None:
         mask[box][inside] = label
 
 
-def render(size: int, seed: int, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scene `index` of `split`: image uint8 (S, S, 3) RGB and mask uint8 (S, S) in 0..6."""
+def render(size: int, seed: int, split: str, index: int, clutter: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Scene `index` of `split`: image uint8 (S, S, 3) RGB and mask uint8 (S, S) in 0..6.
+
+    `clutter` in [0, 1] scales the background distractors, the occluding bars and the noise (1 = the full task).
+    """
     rng = np.random.default_rng((seed, SPLITS[split], index))
     y, x = _grid(size)
     c1, c2 = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32)
@@ -173,12 +196,12 @@ def render(size: int, seed: int, split: str, index: int) -> tuple[np.ndarray, np
     img += (rng.uniform(0.05, 0.2) * (_value_noise(rng, size, 16) - 0.5))[..., None]
     mask = np.zeros((size, size), np.uint8)
 
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 * clutter:
         patch = _value_noise(rng, size, int(rng.integers(3, 6))) > rng.uniform(0.6, 0.7)
         texture = _texture(_decoy_texture(rng), x - 0.5, y - 0.5, 0.5, rng)
         a, b = _colours(rng)
         img[patch] = (a + (b - a) * np.broadcast_to(texture, patch.shape)[patch][:, None]).astype(np.float32)
-    for _ in range(int(rng.integers(2, 7))):
+    for _ in range(round(int(rng.integers(2, 7)) * clutter)):
         shape = "bar" if rng.random() < 0.5 else "ellipse"
         r = rng.uniform(0.15, 0.4) if shape == "bar" else rng.uniform(0.08, 0.17)
         texture = _decoy_texture(rng)
@@ -190,7 +213,7 @@ def render(size: int, seed: int, split: str, index: int) -> tuple[np.ndarray, np
         r = rng.uniform(0.1, 0.22)
         _draw(img, mask, rng, size, shape, CLASS_TEXTURE[shape], label, rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), r)
 
-    if rng.random() < 0.3:
+    if rng.random() < 0.3 * clutter:
         # a bar in front of the objects: occlusion by background clutter
         _draw(img, mask, rng, size, "bar", "grain", 0, rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.2, 0.4))
 
@@ -200,7 +223,7 @@ def render(size: int, seed: int, split: str, index: int) -> tuple[np.ndarray, np
     mean = img.mean()
     img = (img - mean) * rng.uniform(0.6, 1.2) + mean
     # uniform noise of the same std as Gaussian noise: five times cheaper to draw
-    img += rng.uniform(0.01, 0.06) * 12**0.5 * (rng.random(img.shape, dtype=np.float32) - 0.5)
+    img += clutter * rng.uniform(0.01, 0.06) * 12**0.5 * (rng.random(img.shape, dtype=np.float32) - 0.5)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), mask
 
 
@@ -241,7 +264,8 @@ def describe(size: int = 96, n_train: int = 400, n_val: int = 100, seed: int = 0
         f"synthetic: {n_train} train + {n_val} val procedural scenes of {size}x{size} px (seed {seed}), "
         f"{len(CLASSES)} classes.\n"
         f"  objects, each with its own shape and texture: {objects}; everything else is background.\n"
-        "  colours are random per object, so a model must learn shape and texture; backgrounds are cluttered\n"
-        "  with bars, ellipses and patches wearing the same textures; objects occlude each other;\n"
+        "  hues cluster per class but overlap, so a model must also learn shape and texture; backgrounds are\n"
+        "  cluttered"
+        " with bars, ellipses and patches of any colour wearing the same textures; objects occlude each other;\n"
         "  lighting gradients, contrast changes and noise vary per image."
     )

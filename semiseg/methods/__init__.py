@@ -1,7 +1,19 @@
-"""Every method, by paper name. An explicit dict: grep finds every use."""
+"""Every method, by paper name. An explicit dict: grep finds every use.
 
-from semiseg.methods import supervised
+The method contract (DESIGN.md): a method is one module with
+  Config                       frozen dataclass (subclass of config.MethodConfig), every field commented
+  build(cfg, info)             -> dict of named nn.Modules ("model", "student", "teacher", ...)
+  TRAINED, EVAL_NETS           nets the optimizer trains; nets evaluated (the best one is exported)
+  USES_UNLABELED               whether the loop must stream unlabeled crops
+  train_step(nets, batch, cfg, ctx) -> engine.loop.StepOut(loss, logs)
+  after_step(nets, cfg, ctx)   optional: EMA teachers, queues
+  run(cfg, run_dir)            optional: multi-stage methods compose engine.loop.fit several times
+"""
+
+from semiseg.methods import fixmatch, supervised, unimatch
 
 METHODS = {
     "supervised": supervised,
+    "fixmatch": fixmatch,
+    "unimatch": unimatch,
 }

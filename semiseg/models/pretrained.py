@@ -48,6 +48,12 @@ class LoadReport:
         return self.summary()
 
 
+def first_line(e: BaseException) -> str:
+    """The exception's type and the first line of its message, for one-line errors."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def is_url(path_or_url: str) -> bool:
     """True for http(s) URLs."""
     return urlparse(str(path_or_url)).scheme in ("http", "https")
@@ -62,7 +68,7 @@ def fetch(url: str, cache_dir: Path | None = None) -> Path:
         try:
             torch.hub.download_url_to_file(url, str(dst), progress=True)
         except Exception as e:
-            raise CheckpointError(f"{url}: download failed: {e}") from None
+            raise CheckpointError(f"{url}: download failed: {first_line(e)}") from None
     return dst
 
 
@@ -107,14 +113,14 @@ def read_state_dict(path_or_url: str | Path) -> dict[str, Tensor]:
         try:
             obj = load_file(str(path), device="cpu")
         except SafetensorError as e:
-            raise CheckpointError(f"{source}: not a readable safetensors file: {e}") from None
+            raise CheckpointError(f"{source}: not a readable safetensors file: {first_line(e)}") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{source}: refused to load: {unpickler_reason(e)}") from None
         except Exception as e:
-            raise CheckpointError(f"{source}: not a readable torch checkpoint: {type(e).__name__}: {e}") from None
+            raise CheckpointError(f"{source}: not a readable torch checkpoint: {first_line(e)}") from None
     state = unwrap(obj, source)
     while any(k.startswith("module.") for k in state):
         state = strip_prefix(state, "module.")

@@ -1,0 +1,563 @@
+"""`semiseg bench`: methods compared on one protocol: same split, model, schedule, budget and evaluation.
+
+For every seed k the labeled subset is drawn from the train split (the given fraction, seed k; the rest of train
+is unlabeled) and written to OUT/splits/seed<k>/; every method then trains on those lists in OUT/runs/<method>/
+seed<k> with train.seed = k. Two references always run: `supervised` (the labeled subset only) and `full`
+(supervised on every train label, the upper reference); each method is scored by the share of the gap between
+them that it closes. All runs share one resolved config except `method.*`, the split lists and, for `full`,
+data.labeled = "" (all labels); train.iters is fixed for all, so the references train as many steps.
+
+Method-specific settings: a file `<method>.yaml` beside the preset holding only a `method:` section (e.g.
+configs/camvid/unimatch.yaml with `method: {tau: 0.9}`) and `--set method.KEY=VALUE`, each applied to the methods
+whose Config has KEY (preset `method:` keys < per-method file < --set). Rerunning resumes unfinished runs and
+skips finished ones; a run folder trained with another config is an error, never silently mixed in.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import shlex
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from semiseg import config as config_mod
+from semiseg.config import Config, ConfigError
+from semiseg.errors import CheckpointError, DataError, TrainingError
+
+REFERENCES = ("supervised", "full")
+"""bench names of the two references: the labeled subset only, and every train label"""
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+"""the repository's configs/ folder (absent from an installed wheel)"""
+
+UNCOMPARED_KEYS = ("data.root", "data.labeled", "data.unlabeled")
+"""where the data and split lists live is not protocol: list contents are checked in OUT/splits instead"""
+
+
+def resolve_preset(name: str | Path) -> Path:
+    """A YAML path as given, or a short name: 'camvid' -> configs/camvid/bench.yaml (or configs/camvid.yaml)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"{path}: preset file not found")
+        return path
+    candidates = [PRESETS_DIR / str(name) / "bench.yaml", PRESETS_DIR / f"{name}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    if not PRESETS_DIR.is_dir():
+        raise ConfigError(
+            f"{name}: named presets live in the repository's configs/ folder, which this installed package lacks; "
+            "pass a YAML path (e.g. a checkout's configs/camvid/bench.yaml)"
+        )
+    known = sorted(p.parent.name for p in PRESETS_DIR.glob("*/bench.yaml"))
+    raise ConfigError(f"{name}: no preset {candidates[0]}; named bench presets: {', '.join(known) or 'none'}")
+
+
+def _shown(path: Path) -> Path:
+    """`path` relative to the working directory where it lies below it (results name the preset as typed)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; ConfigError on anything else or duplicates."""
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text}: expected distinct comma-separated integers, e.g. 0,1,2")
+    return seeds
+
+
+def gap_closed(miou: float, sup: float, full: float) -> float:
+    """Share in % of the supervised -> full gap that `miou` closes: (m - sup) / (full - sup) * 100; NaN if gap <= 0."""
+    values = (miou, sup, full)
+    if any(v is None or math.isnan(v) for v in values) or full - sup <= 0:
+        return math.nan
+    return (miou - sup) / (full - sup) * 100
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation) of finite values; std NaN below two values, both NaN for none."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else math.nan
+
+
+def _is_nan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def format_mean_std(mean: float | None, std: float | None) -> str:
+    """'62.31 ± 0.45'; '62.31' without a std (one seed); 'n/a' without a mean."""
+    if _is_nan(mean):
+        return "n/a"
+    return f"{mean:.2f}" if _is_nan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _format_duration(seconds: float | None) -> str:
+    from semiseg.engine.log import format_duration
+
+    return "n/a" if _is_nan(seconds) else format_duration(seconds)
+
+
+TABLE_HEADER = ("method", "mIoU best", "mIoU last", "gap closed %", "train time", "images/s")
+
+
+def table_rows(results: dict) -> list[tuple[str, ...]]:
+    """One formatted row per method of results['summary'], in results['methods'] order (see TABLE_HEADER)."""
+    rows = []
+    for name in results["methods"]:
+        s = results["summary"].get(name, {})
+        best, last = s.get("miou_best", {}), s.get("miou_last", {})
+        gap = s.get("gap_closed_best")
+        ips = s.get("images_per_second")
+        rows.append(
+            (
+                name,
+                format_mean_std(best.get("mean"), best.get("std")),
+                format_mean_std(last.get("mean"), last.get("std")),
+                "n/a" if _is_nan(gap) else f"{gap:.1f}",
+                _format_duration(s.get("train_seconds")),
+                "n/a" if _is_nan(ips) else f"{ips:.1f}",
+            )
+        )
+    return rows
+
+
+def protocol_lines(results: dict) -> list[str]:
+    """The protocol in a few human-readable lines (results.md, report.html)."""
+    p = results["protocol"]
+    seeds = ",".join(str(s) for s in p["seeds"])
+    res = p.get("resolution") or [0, 0]
+    every = f"evaluated every {p['eval_every']} steps" if p["eval_every"] else "evaluated at the end only"
+    lines = [
+        f"preset `{p['preset']}`: {p['dataset']} at `{p['data_root']}`",
+        f"labeled {p['labeled']} of {p['train_split']} ({p['labeled_count']} labeled / {p['unlabeled_count']} "
+        f"unlabeled of {p['train_count']}), seeds {seeds} (split and training seed); "
+        f"`full` uses all {p['train_count']} labels",
+        f"model {p['model']}; images {res[0]}x{res[1]} (resize {p['resize']:g}), crop {p['crop']}, "
+        f"{p['iters']} iterations, batch {p['batch_size']} labeled + {p['batch_size_u']} unlabeled",
+        f"evaluation on {p['eval_split']} ({p['eval_images']} images, {p['eval_mode']}); best = the checkpoint with "
+        f"the best {p['val_split']} mIoU ({every}), last = the final model; mean ± sample std over seeds",
+        "gap closed % = (method - supervised) / (full - supervised) x 100 on the mean best mIoU",
+        "machine: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
+    ]
+    return lines
+
+
+def format_markdown(results: dict) -> str:
+    """results.md: the comparison table and the protocol."""
+    rows = table_rows(results)
+    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(TABLE_HEADER) - 1)) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    out += ["", "Protocol:", ""] + [f"- {line}" for line in protocol_lines(results)]
+    out += ["", f"Command: `{results['protocol']['command']}`"]
+    return "\n".join(out) + "\n"
+
+
+def summarize(runs: dict[str, dict[str, dict]], order: Sequence[str]) -> dict[str, dict]:
+    """Per method: mean/std of best and last mIoU over seeds, gap closed, mean time/throughput, mean class IoU."""
+    summary: dict[str, dict] = {}
+    for name in order:
+        records = list(runs.get(name, {}).values())
+        best, last = mean_std([r["miou_best"] for r in records]), mean_std([r["miou_last"] for r in records])
+        classes = list(dict.fromkeys(c for r in records for c in r["iou_best"]))
+        summary[name] = {
+            "seeds": len(records),
+            "miou_best": {"mean": best[0], "std": best[1]},
+            "miou_last": {"mean": last[0], "std": last[1]},
+            "train_seconds": mean_std([r["train_seconds"] for r in records])[0],
+            "images_per_second": mean_std([r["images_per_second"] for r in records])[0],
+            "peak_memory_mb": max((r["peak_memory_mb"] for r in records), default=math.nan),
+            "steps": records[0]["steps"] if records else None,
+            "iou_best": {c: mean_std([r["iou_best"].get(c) for r in records])[0] for c in classes},
+        }
+    for name in order:
+        for which in ("best", "last"):
+            m, s, f = (summary.get(n, {}).get(f"miou_{which}", {}).get("mean") for n in (name, *REFERENCES))
+            summary[name][f"gap_closed_{which}"] = gap_closed(m, s, f)
+    return summary
+
+
+def json_safe(v: Any) -> Any:
+    """NaN -> None (JSON has no NaN), tuples -> lists, paths -> str, recursively."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def load_export(path: str | Path):
+    """(cfg, model on CPU, DatasetInfo) rebuilt from a best/last.safetensors export and its embedded config."""
+    from semiseg.data.datasets import dataset_info
+    from semiseg.engine.checkpoint import read_export
+    from semiseg.models import build_model
+
+    path = Path(path)
+    sd, meta = read_export(path)
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: not a semiseg export (no config in its metadata)")
+    cfg = config_mod.from_dict(meta["config"], f"{path} (embedded config): ")
+    info = dataset_info(cfg.data)
+    model = build_model(config_mod.replace(cfg, model={"pretrained": ""}).model, info.num_classes)
+    missing, _ = model.load_state_dict(sd, strict=False)
+    if missing:
+        raise CheckpointError(f"{path}: missing keys for this model, e.g. {missing[0]} ({len(missing)} in all)")
+    return cfg, model, info
+
+
+def evaluate_export(path: Path, split: str) -> dict:
+    """Metrics of an export on `split`, with the evaluation settings of its own config."""
+    from semiseg.data.datasets import build_dataset
+    from semiseg.engine import dist
+    from semiseg.engine.evaluate import evaluate
+
+    cfg, model, info = load_export(path)
+    device = dist.init(cfg.train.device)
+    return evaluate(
+        model.to(device),
+        build_dataset(cfg.data, split),
+        info,
+        mode=cfg.eval.mode or info.eval_mode,
+        window=cfg.eval.window or cfg.data.crop,
+        stride=cfg.eval.stride,
+        scales=cfg.eval.scales,
+        flip=cfg.eval.flip,
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        max_images=cfg.eval.max_images,
+    )
+
+
+def _method_fields(method: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_mod.method_config_class(method))}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def method_section(
+    method: str, preset_method: dict, method_file: Path | None, method_sets: Sequence[str], where: str
+) -> dict:
+    """The raw `method:` mapping of one method: preset keys it declares < its method file < its --set keys."""
+    fields = _method_fields(method)
+    raw = {"name": method, **{k: v for k, v in preset_method.items() if k in fields and k != "name"}}
+    if method_file is not None and method_file.is_file():
+        extra = config_mod.read_yaml(method_file)
+        if set(extra) - {"method"}:
+            raise ConfigError(f"{method_file}: a per-method file holds only a method: section, found {sorted(extra)}")
+        section = extra.get("method") or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{method_file}: method: expected a mapping")
+        if section.get("name", method) != method:
+            raise ConfigError(f"{method_file}: method.name {section['name']!r} differs from the file name")
+        raw = _merge(raw, section)
+    mine = [s for s in method_sets if config_mod.parse_override(s)[0][1] in fields]
+    return config_mod.apply_overrides({"method": raw}, mine)["method"]
+
+
+def _check_method_keys(keys: Sequence[str], methods: Sequence[str], what: str) -> None:
+    """Every method-specific key must belong to at least one benched method, else it is a typo."""
+    declared = set().union(*(_method_fields(m) for m in methods))
+    for key in keys:
+        if key == "name":
+            raise ConfigError(f"{what} method.name: bench chooses the methods; use --methods")
+        if key not in declared:
+            raise ConfigError(f"{what} method.{key}: no benched method ({', '.join(methods)}) has this field")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def check_run_config(run_dir: Path, cfg: Config) -> None:
+    """Refuse a run folder whose config.yaml differs from `cfg` in anything but UNCOMPARED_KEYS."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    old = _flat(yaml.safe_load(path.read_text()) or {})
+    new = _flat(config_mod.to_dict(cfg))
+    for key in sorted(set(old) | set(new)):
+        if key not in UNCOMPARED_KEYS and old.get(key) != new.get(key):
+            raise ConfigError(
+                f"{path}: this run was trained with {key}={old.get(key)!r}, the bench now asks {new.get(key)!r}; "
+                "use another --out (or delete the run folder to retrain it)"
+            )
+
+
+def write_split_lists(folder: Path, labeled: list, unlabeled: list, root: str) -> tuple[Path, Path]:
+    """Write labeled.txt / unlabeled.txt, or check that existing ones hold exactly these lists."""
+    from semiseg.data.splits import SPLIT_FILES, format_items, write_split
+
+    paths = (folder / SPLIT_FILES[0], folder / SPLIT_FILES[1])
+    if all(p.is_file() for p in paths):
+        for path, items in zip(paths, (labeled, unlabeled)):
+            if path.read_text() != format_items(items, root):
+                raise DataError(f"{path}: differs from the split this bench draws now (another dataset or fraction?)")
+        return paths
+    return write_split(folder, labeled, unlabeled, root)
+
+
+def read_run_result(run_dir: Path) -> dict:
+    """The results.json a finished fit (or a multi-stage run) leaves in its run folder."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise TrainingError(f"{path}: the run finished without writing its results")
+    return json.loads(path.read_text())
+
+
+def train_run(name: str, cfg: Config, run_dir: Path, quiet: bool = False) -> dict:
+    """Train (or resume, or skip when finished) one run; its results.json."""
+    from semiseg.engine.loop import fit
+    from semiseg.methods import METHODS
+
+    check_run_config(run_dir, cfg)
+    if (run_dir / "results.json").is_file():
+        print(f"bench: {run_dir} finished; skipped")
+        return read_run_result(run_dir)
+    method = METHODS[cfg.method.name]
+    if hasattr(method, "run"):
+        method.run(cfg, run_dir)
+    else:
+        fit(cfg, run_dir, method, quiet=quiet)
+    return read_run_result(run_dir)
+
+
+def eval_on_split(run_dir: Path, split: str) -> dict:
+    """{'best': metrics, 'last': metrics} of the run's two exports on `split`, cached in run_dir/eval_<split>.json."""
+    from semiseg.engine.checkpoint import atomic_write_json
+
+    cache = run_dir / f"eval_{split}.json"
+    exports = [run_dir / "best.safetensors", run_dir / "last.safetensors"]
+    for export in exports:
+        if not export.is_file():
+            raise CheckpointError(f"{export}: not found; cannot evaluate this run on {split}")
+    newest = max(e.stat().st_mtime for e in exports)
+    if cache.is_file() and cache.stat().st_mtime >= newest:
+        return json.loads(cache.read_text())
+    out = {"split": split, "best": evaluate_export(exports[0], split), "last": evaluate_export(exports[1], split)}
+    atomic_write_json(cache, json_safe(out))
+    return out
+
+
+def run_record(name: str, seed: int, run_dir: Path, result: dict, evaluated: dict | None, val_split: str) -> dict:
+    """One run's line of results.json: mIoU best/last and per-class IoU on the eval split, cost, steps."""
+    best, last = result.get("best") or {}, result.get("last") or {}
+    record = {
+        "method": name,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "miou_best": best.get("miou", math.nan),
+        "miou_last": last.get("miou", math.nan),
+        "best_step": best.get("step"),
+        "net": best.get("net"),
+        "iou_best": best.get("iou", {}),
+        "iou_last": last.get("iou", {}),
+        "train_seconds": result.get("train_seconds", math.nan),
+        "images_per_second": result.get("images_per_second", math.nan),
+        "peak_memory_mb": result.get("peak_memory_mb", math.nan),
+        "steps": result.get("steps"),
+    }
+    if evaluated is not None:
+        record["selection"] = {"split": val_split, "miou_best": record["miou_best"], "miou_last": record["miou_last"]}
+        record["miou_best"], record["iou_best"] = evaluated["best"]["miou"], evaluated["best"]["iou"]
+        record["miou_last"], record["iou_last"] = evaluated["last"]["miou"], evaluated["last"]["iou"]
+    return {k: (math.nan if v is None and k.startswith("miou") else v) for k, v in record.items()}
+
+
+def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(shared overrides, method.* overrides)."""
+    shared, method = [], []
+    for text in overrides:
+        path, _ = config_mod.parse_override(text)
+        (method if path[0] == "method" else shared).append(text)
+    for text in method:
+        if len(config_mod.parse_override(text)[0]) < 2:
+            raise ConfigError(f"--set {text}: expected method.KEY=VALUE")
+    return shared, method
+
+
+def _command(preset, methods, seeds, labeled, data_root, eval_split, out, overrides) -> str:
+    parts = ["semiseg", "bench", str(preset), "--methods", ",".join(methods), "--seeds", ",".join(map(str, seeds))]
+    parts += ["--labeled", labeled, "--eval-split", eval_split, "--out", str(out)]
+    parts += ["--data-root", data_root] if data_root else []
+    parts += ["--set", *overrides] if overrides else []
+    return shlex.join(parts)
+
+
+def run_bench(
+    preset: str | Path,
+    methods: Sequence[str],
+    out: str | Path,
+    seeds: Sequence[int] = (0,),
+    labeled: str | None = None,
+    data_root: str | None = None,
+    eval_split: str | None = None,
+    overrides: Sequence[str] = (),
+    quiet: bool = False,
+    report: bool = True,
+) -> dict:
+    """Train every method and both references for every seed on one protocol; write results.json/.md (+ report)."""
+    from semiseg.data.datasets import build_dataset, dataset_info
+    from semiseg.data.splits import is_count_or_fraction, make_split
+    from semiseg.engine.checkpoint import atomic_write_json, atomic_write_text
+    from semiseg.engine.evaluate import describe_mode
+    from semiseg.engine.log import versions
+    from semiseg.engine.loop import total_iters
+    from semiseg.methods import METHODS
+
+    out = Path(out)
+    preset_path = _shown(resolve_preset(preset))
+    where = f"{preset_path}: "
+    methods = list(dict.fromkeys(m.strip() for m in methods if m.strip() and m.strip() not in REFERENCES))
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"--methods {m}: unknown method; choose from {', '.join(METHODS)}")
+    order = ["supervised", *methods, "full"]
+    shared_sets, method_sets = _split_overrides(overrides)
+    raw = config_mod.read_yaml(preset_path)
+    preset_method = dict(raw.pop("method", None) or {})
+    preset_method.pop("name", None)
+    raw = config_mod.apply_overrides(raw, shared_sets + ([f"data.root={data_root}"] if data_root else []))
+    benched = ["supervised", *methods]
+    _check_method_keys(list(preset_method), benched, f"{preset_path}:")
+    _check_method_keys([config_mod.parse_override(s)[0][1] for s in method_sets], benched, "--set")
+
+    base = config_mod.from_dict(raw, where)
+    labeled = str(labeled or base.data.labeled)
+    if not is_count_or_fraction(labeled):
+        raise ConfigError(f"{where}data.labeled: bench draws the labeled subset itself; give a fraction or count")
+    eval_split = eval_split or base.data.val_split
+    info = dataset_info(base.data)
+    train = build_dataset(base.data, base.data.train_split)
+    eval_set = build_dataset(base.data, eval_split)  # fail before hours of training, not after
+    by_id = {item.id: item for item in train.items}
+    n_lab = len(make_split(train.ids, labeled, seeds[0])[0])
+    n_unl = len(train) - n_lab
+    # One step count for every run: an epoch-based preset would give the references fewer steps.
+    iters = total_iters(base, n_lab, n_unl, 1)
+    raw = config_mod.apply_overrides(raw, [f"train.iters={iters}"])
+
+    configs: dict[tuple[str, int], Config] = {}
+    split_files = {}
+    for seed in seeds:
+        lab_ids, unl_ids = make_split(train.ids, labeled, seed)
+        folder = out / "splits" / f"seed{seed}"
+        lab_path, unl_path = write_split_lists(
+            folder, [by_id[i] for i in lab_ids], [by_id[i] for i in unl_ids], base.data.root
+        )
+        split_files[seed] = {"labeled": str(lab_path), "unlabeled": str(unl_path)}
+        for name in order:
+            actual = "supervised" if name in REFERENCES else name
+            run_raw = copy.deepcopy(raw)
+            sets = {"labeled": str(lab_path), "unlabeled": str(unl_path), "split_seed": seed}
+            if name == "full":
+                sets.update(labeled="", unlabeled="")
+            run_raw.setdefault("data", {}).update(sets)
+            run_raw.setdefault("train", {})["seed"] = seed
+            run_raw["method"] = method_section(
+                actual, preset_method, preset_path.parent / f"{actual}.yaml", method_sets, where
+            )
+            configs[(name, seed)] = config_mod.from_dict(run_raw, where)
+
+    first = configs[("supervised", seeds[0])]
+    sample = eval_set[0]
+    results: dict = {
+        "protocol": {
+            "command": _command(preset_path, methods, seeds, labeled, data_root, eval_split, out, overrides),
+            "preset": str(preset_path),
+            "dataset": base.data.dataset,
+            "data_root": base.data.root,
+            "train_split": base.data.train_split,
+            "labeled": labeled,
+            "seeds": list(seeds),
+            "train_count": len(train),
+            "labeled_count": n_lab,
+            "unlabeled_count": n_unl,
+            "split_files": split_files,
+            "val_split": base.data.val_split,
+            "eval_split": eval_split,
+            "eval_images": len(eval_set) if base.eval.max_images <= 0 else min(base.eval.max_images, len(eval_set)),
+            "eval_mode": describe_mode(
+                base.eval.mode or info.eval_mode,
+                base.eval.window or base.data.crop,
+                base.eval.stride,
+                base.eval.scales,
+                base.eval.flip,
+            ),
+            "eval_every": base.eval.every,
+            "resolution": [int(sample.image.shape[1]), int(sample.image.shape[0])],
+            "resize": base.data.resize,
+            "crop": base.data.crop,
+            "iters": iters,
+            "batch_size": base.data.batch_size,
+            "batch_size_u": base.data.batch_size_u,
+            "model": f"{base.model.backbone} (width {base.model.width}, {base.model.stem} stem, "
+            f"OS{base.model.output_stride}) {base.model.head} ({base.model.head_channels} channels)",
+            "classes": list(info.classes),
+            "palette": [list(c) for c in info.palette],
+            "config": config_mod.to_dict(first),
+            "method_configs": {n: config_mod.to_dict(configs[(n, seeds[0])].method) for n in order},
+            "versions": versions(),
+        },
+        "methods": order,
+        "runs": {},
+        "summary": {},
+    }
+    total = len(configs)
+    for i, ((name, seed), cfg) in enumerate(configs.items(), 1):
+        run_dir = out / "runs" / name / f"seed{seed}"
+        print(f"bench: [{i}/{total}] {name} seed {seed} -> {run_dir}")
+        result = train_run(name, cfg, run_dir, quiet)
+        evaluated = eval_on_split(run_dir, eval_split) if eval_split != cfg.data.val_split else None
+        record = run_record(name, seed, run_dir, result, evaluated, cfg.data.val_split)
+        results["runs"].setdefault(name, {})[str(seed)] = record
+        results["summary"] = summarize(results["runs"], order)
+        # Written after every run, so that a long bench can be inspected (and reported) while it goes.
+        atomic_write_json(out / "results.json", json_safe(results))
+        atomic_write_text(out / "results.md", format_markdown(results))
+    if report:
+        from semiseg.report import write_report
+
+        path = write_report(out)
+        print(f"bench: report {path}")
+    print(format_markdown(results), end="")
+    return results
+
+
+def read_results(bench_dir: str | Path) -> dict:
+    """The results.json of a bench folder (NaN numbers are stored as null)."""
+    path = Path(bench_dir) / "results.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run `semiseg bench PRESET --methods ... --out {bench_dir}` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON ({err})") from None

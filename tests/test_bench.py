@@ -1,0 +1,257 @@
+import json
+import math
+
+import pytest
+import yaml
+from test_fetch import make_camvid
+
+from semiseg import bench
+from semiseg import config as config_mod
+from semiseg.bench import format_markdown, gap_closed, mean_std, method_section, summarize
+from semiseg.cli import main
+from semiseg.config import ConfigError
+
+TINY_BENCH = [
+    "data.resize=1.0",
+    "data.crop=24",
+    "data.scale_range=[1.0,1.0]",
+    "data.batch_size=2",
+    "data.batch_size_u=2",
+    "data.workers=0",
+    "model.width=8",
+    "model.head_channels=16",
+    "model.low_level_channels=8",
+    "optim.lr=0.01",
+    "train.iters=4",
+    "train.log_every=1",
+    "train.device=cpu",
+    "eval.every=2",
+    "eval.batch_size=4",
+]
+"""overrides that turn configs/camvid/bench.yaml into a seconds-long run on the 32x24 fixture"""
+
+
+def test_gap_closed_fixed_numbers():
+    assert gap_closed(55.0, 50.0, 60.0) == 50.0
+    assert gap_closed(50.0, 50.0, 60.0) == 0.0
+    assert gap_closed(60.0, 50.0, 60.0) == 100.0
+    assert gap_closed(45.0, 50.0, 60.0) == -50.0
+    assert gap_closed(62.5, 50.0, 60.0) == 125.0
+    assert math.isnan(gap_closed(55.0, 50.0, 50.0))  # no gap
+    assert math.isnan(gap_closed(55.0, 60.0, 50.0))  # full below supervised
+    assert math.isnan(gap_closed(math.nan, 50.0, 60.0))
+    assert math.isnan(gap_closed(55.0, None, 60.0))
+
+
+def test_mean_std_over_seeds():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    m, s = mean_std([1.0, math.nan, 3.0, None])
+    assert m == 2.0 and math.isclose(s, math.sqrt(2))
+    m, s = mean_std([5.0])
+    assert m == 5.0 and math.isnan(s)
+    assert all(math.isnan(v) for v in mean_std([]))
+    assert bench.format_mean_std(62.3149, 0.456) == "62.31 ± 0.46"
+    assert bench.format_mean_std(62.3149, math.nan) == "62.31"
+    assert bench.format_mean_std(None, None) == "n/a"
+
+
+def _record(miou_best, miou_last, seconds, ips):
+    return {
+        "miou_best": miou_best,
+        "miou_last": miou_last,
+        "iou_best": {"sky": miou_best + 10, "road": miou_best - 10},
+        "train_seconds": seconds,
+        "images_per_second": ips,
+        "peak_memory_mb": 0.0,
+        "steps": 100,
+    }
+
+
+def _protocol():
+    return {
+        "command": "semiseg bench camvid --methods fixmatch",
+        "preset": "configs/camvid/bench.yaml",
+        "dataset": "camvid",
+        "data_root": "data/camvid",
+        "train_split": "train",
+        "labeled": "1/8",
+        "seeds": [0, 1],
+        "train_count": 367,
+        "labeled_count": 46,
+        "unlabeled_count": 321,
+        "val_split": "val",
+        "eval_split": "val",
+        "eval_images": 101,
+        "eval_mode": "whole",
+        "eval_every": 250,
+        "resolution": [240, 180],
+        "resize": 0.5,
+        "crop": 160,
+        "iters": 100,
+        "batch_size": 8,
+        "batch_size_u": 8,
+        "model": "resnet18",
+        "versions": {"torch": "2.13.0"},
+    }
+
+
+def test_summary_and_markdown_table_on_fixed_numbers():
+    runs = {
+        "supervised": {"0": _record(40.0, 39.0, 60, 10.0), "1": _record(42.0, 41.0, 80, 12.0)},
+        "fixmatch": {"0": _record(45.0, 44.0, 125, 20.0), "1": _record(47.0, 44.0, 135, 22.0)},
+        "full": {"0": _record(52.0, 50.0, 3600, 10.0), "1": _record(50.0, 50.0, 3700, 12.0)},
+    }
+    order = ["supervised", "fixmatch", "full"]
+    summary = summarize(runs, order)
+    fm = summary["fixmatch"]
+    assert fm["seeds"] == 2 and fm["miou_best"]["mean"] == 46.0
+    assert math.isclose(fm["miou_best"]["std"], math.sqrt(2))
+    assert fm["miou_last"] == {"mean": 44.0, "std": 0.0}
+    assert fm["gap_closed_best"] == 50.0  # (46 - 41) / (51 - 41)
+    assert fm["gap_closed_last"] == 40.0  # (44 - 40) / (50 - 40)
+    assert summary["supervised"]["gap_closed_best"] == 0.0 and summary["full"]["gap_closed_best"] == 100.0
+    assert fm["iou_best"] == {"sky": 56.0, "road": 36.0}
+    assert fm["train_seconds"] == 130.0 and fm["images_per_second"] == 21.0
+
+    text = format_markdown({"protocol": _protocol(), "methods": order, "runs": runs, "summary": summary})
+    lines = text.splitlines()
+    assert lines[0] == "| method | mIoU best | mIoU last | gap closed % | train time | images/s |"
+    assert lines[1] == "|---|---:|---:|---:|---:|---:|"
+    assert lines[2] == "| supervised | 41.00 ± 1.41 | 40.00 ± 1.41 | 0.0 | 01:10 | 11.0 |"
+    assert lines[3] == "| fixmatch | 46.00 ± 1.41 | 44.00 ± 0.00 | 50.0 | 02:10 | 21.0 |"
+    assert lines[4] == "| full | 51.00 ± 1.41 | 50.00 ± 0.00 | 100.0 | 1:00:50 | 11.0 |"
+    assert "labeled 1/8 of train (46 labeled / 321 unlabeled of 367), seeds 0,1" in text
+    assert "evaluation on val (101 images, whole)" in text
+
+
+def test_method_section_merge_order(tmp_path):
+    method_file = tmp_path / "unimatch.yaml"
+    method_file.write_text("method:\n  tau: 0.8\n  w_fp: 0.5\n")
+    preset_method = {"criterion": "ce", "tau": 0.9}
+    got = method_section("unimatch", preset_method, method_file, ["method.w_fp=0.3", "method.strong.cutmix_p=1"], "")
+    assert got["name"] == "unimatch" and got["tau"] == 0.8 and got["w_fp"] == 0.3
+    assert got["strong"] == {"cutmix_p": 1} and got["criterion"] == "ce"
+    sup = method_section("supervised", preset_method, tmp_path / "supervised.yaml", ["method.w_fp=0.3"], "")
+    assert sup == {"name": "supervised", "criterion": "ce"}  # tau and w_fp are not supervised fields
+    config_mod.from_dict({"method": got})  # valid for unimatch.Config
+    method_file.write_text("method:\n  tau: 0.8\ntrain:\n  iters: 5\n")
+    with pytest.raises(ConfigError, match="holds only a method: section"):
+        method_section("unimatch", {}, method_file, [], "")
+
+
+def test_method_keys_must_belong_to_a_benched_method():
+    bench._check_method_keys(["tau", "criterion"], ["supervised", "fixmatch"], "--set")
+    with pytest.raises(ConfigError, match=r"--set method.w_fp: no benched method \(supervised, fixmatch\)"):
+        bench._check_method_keys(["w_fp"], ["supervised", "fixmatch"], "--set")
+    with pytest.raises(ConfigError, match="use --methods"):
+        bench._check_method_keys(["name"], ["supervised"], "--set")
+
+
+def test_resolve_preset_names(tmp_path, monkeypatch):
+    assert bench.resolve_preset("camvid") == bench.PRESETS_DIR / "camvid" / "bench.yaml"
+    with pytest.raises(ConfigError, match="named bench presets: .*camvid"):
+        bench.resolve_preset("nosuch")
+    with pytest.raises(ConfigError, match="preset file not found"):
+        bench.resolve_preset(str(tmp_path / "x.yaml"))
+    monkeypatch.setattr(bench, "PRESETS_DIR", tmp_path / "gone")
+    with pytest.raises(ConfigError, match="installed package lacks"):
+        bench.resolve_preset("camvid")
+
+
+def test_camvid_preset_and_method_files_are_valid():
+    path = bench.resolve_preset("camvid")
+    raw = config_mod.read_yaml(path)
+    cfg = config_mod.from_dict(raw, f"{path}: ")
+    assert (cfg.data.dataset, cfg.data.root, cfg.data.labeled, cfg.data.resize) == ("camvid", "data/camvid", "1/8", 0.5)
+    assert cfg.eval.mode == "whole" and cfg.data.val_split == "val" and cfg.model.backbone == "resnet18"
+    assert cfg.train.iters > 0 and cfg.eval.every > 0
+    for name in ("fixmatch", "unimatch"):
+        section = method_section(name, raw.get("method") or {}, path.parent / f"{name}.yaml", [], "")
+        assert config_mod.from_dict({**raw, "method": section}).method.name == name
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """One CLI bench on the fixture: supervised + fixmatch + full, 1 seed, 4 steps, measured on a test split."""
+    root = make_camvid(tmp_path_factory.mktemp("camvid"), {"train": 10, "val": 4, "test": 3})
+    out = tmp_path_factory.mktemp("bench") / "b"
+    argv = ["bench", "camvid", "--methods", "fixmatch", "--seeds", "0", "--labeled", "1/5", "--data-root", str(root)]
+    argv += ["--eval-split", "test", "--out", str(out), "--set", *TINY_BENCH]
+    assert main(argv) == 0
+    return root, out, argv
+
+
+def test_bench_end_to_end_on_another_split(tiny_bench):
+    root, out, _ = tiny_bench
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"] == ["supervised", "fixmatch", "full"]
+    p = results["protocol"]
+    assert (p["labeled_count"], p["unlabeled_count"], p["train_count"]) == (2, 8, 10)
+    assert (p["eval_split"], p["val_split"], p["eval_images"], p["resolution"]) == ("test", "val", 3, [32, 24])
+    assert p["iters"] == 4 and p["preset"].endswith("configs/camvid/bench.yaml") and p["eval_mode"] == "whole"
+    assert "--eval-split test" in p["command"] and p["versions"]["torch"]
+    assert p["config"]["data"]["crop"] == 24 and p["method_configs"]["fixmatch"]["tau"] == 0.95
+    for name in results["methods"]:
+        run = results["runs"][name]["0"]
+        assert run["steps"] == 4 and 0 <= run["miou_best"] <= 100 and 0 <= run["miou_last"] <= 100
+        assert run["selection"]["split"] == "val" and run["train_seconds"] > 0 and run["images_per_second"] > 0
+        assert set(run["iou_best"]) == set(p["classes"])
+        evaluated = json.loads((out / "runs" / name / "seed0" / "eval_test.json").read_text())
+        assert evaluated["best"]["images"] == 3 and evaluated["last"]["images"] == 3
+        assert run["miou_best"] == evaluated["best"]["miou"] and run["miou_last"] == evaluated["last"]["miou"]
+    summary = results["summary"]
+    assert summary["supervised"]["seeds"] == 1 and math.isnan(summary["supervised"]["miou_best"]["std"] or math.nan)
+
+    lab = (out / "splits" / "seed0" / "labeled.txt").read_text().splitlines()
+    unl = (out / "splits" / "seed0" / "unlabeled.txt").read_text().splitlines()
+    assert len(lab) == 2 and len(unl) == 8 and not set(lab) & set(unl)
+    assert all(line.startswith("train/") and " trainannot/" in line for line in lab)
+
+    configs = {n: yaml.safe_load((out / "runs" / n / "seed0" / "config.yaml").read_text()) for n in results["methods"]}
+    assert configs["supervised"]["data"]["labeled"].endswith("splits/seed0/labeled.txt")
+    assert configs["full"]["data"]["labeled"] == "" and configs["full"]["data"]["unlabeled"] == ""
+    for name in ("fixmatch", "full"):
+        differ = {s for s in configs[name] if configs[name][s] != configs["supervised"][s]}
+        assert differ == ({"method"} if name == "fixmatch" else {"data"})
+    full_data = dict(configs["full"]["data"], labeled=configs["supervised"]["data"]["labeled"])
+    full_data["unlabeled"] = configs["supervised"]["data"]["unlabeled"]
+    assert full_data == configs["supervised"]["data"]
+
+    md = (out / "results.md").read_text().splitlines()
+    assert md[0].startswith("| method | mIoU best") and [r.split(" | ")[0] for r in md[2:5]] == [
+        "| supervised",
+        "| fixmatch",
+        "| full",
+    ]
+    assert "evaluation on test (3 images, whole)" in (out / "results.md").read_text()
+    assert (out / "report.html").is_file()
+
+
+def test_bench_rerun_skips_finished_runs_and_refuses_changed_config(tiny_bench, capsys):
+    _, out, argv = tiny_bench
+    before = json.loads((out / "results.json").read_text())
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("finished; skipped") == 3
+    after = json.loads((out / "results.json").read_text())
+    assert after["runs"] == before["runs"]
+    assert main([*argv, "optim.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "supervised/seed0/config.yaml: this run was trained with optim.lr=0.01" in err
+
+
+def test_bench_fails_fast_on_a_missing_eval_split(tiny_bench, tmp_path, capsys):
+    root, _, _ = tiny_bench
+    out = tmp_path / "b"
+    argv = ["bench", "camvid", "--methods", "fixmatch", "--data-root", str(root), "--eval-split", "nosuch"]
+    assert main([*argv, "--out", str(out), "--set", *TINY_BENCH]) == 2
+    assert "no camvid split 'nosuch'" in capsys.readouterr().err
+    assert not (out / "runs").exists()
+
+
+def test_bench_usage_errors(tmp_path, capsys):
+    assert main(["bench", "camvid", "--out", str(tmp_path)]) == 2
+    assert "give a PRESET and --methods" in capsys.readouterr().err
+    assert main(["bench", "camvid", "--methods", "nosuch", "--out", str(tmp_path)]) == 2
+    assert "--methods nosuch: unknown method" in capsys.readouterr().err
+    assert main(["bench", "camvid", "--methods", "fixmatch", "--seeds", "0,x", "--out", str(tmp_path)]) == 2
+    assert "--seeds 0,x" in capsys.readouterr().err
