@@ -207,21 +207,9 @@ def json_safe(v: Any) -> Any:
 
 def load_export(path: str | Path):
     """(cfg, model on CPU, DatasetInfo) rebuilt from a best/last.safetensors export and its embedded config."""
-    from semiseg.data.datasets import dataset_info
-    from semiseg.engine.checkpoint import read_export
-    from semiseg.models import build_model
+    from semiseg.engine.checkpoint import load_export as load
 
-    path = Path(path)
-    sd, meta = read_export(path)
-    if "config" not in meta:
-        raise CheckpointError(f"{path}: not a semiseg export (no config in its metadata)")
-    cfg = config_mod.from_dict(meta["config"], f"{path} (embedded config): ")
-    info = dataset_info(cfg.data)
-    model = build_model(config_mod.replace(cfg, model={"pretrained": ""}).model, info.num_classes)
-    missing, _ = model.load_state_dict(sd, strict=False)
-    if missing:
-        raise CheckpointError(f"{path}: missing keys for this model, e.g. {missing[0]} ({len(missing)} in all)")
-    return cfg, model, info
+    return load(path)
 
 
 def evaluate_export(path: Path, split: str) -> dict:

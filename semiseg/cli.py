@@ -46,12 +46,9 @@ def cmd_train(args) -> int:
 
 
 def _load_run(target: str, overrides: list[str]):
-    """(cfg, model, info, checkpoint path) of a run folder or a .safetensors export."""
-    from semiseg import config as config_mod
-    from semiseg.data.datasets import dataset_info
-    from semiseg.engine.checkpoint import read_export
+    """(cfg, model, info, export path) of a run folder or a .safetensors export."""
+    from semiseg.engine.checkpoint import load_export
     from semiseg.errors import CheckpointError
-    from semiseg.models import build_model
 
     path = Path(target)
     if path.is_dir():
@@ -61,16 +58,7 @@ def _load_run(target: str, overrides: list[str]):
                 break
         else:
             raise CheckpointError(f"{target}: no best.safetensors or last.safetensors in this run folder")
-    sd, meta = read_export(path)
-    if "config" not in meta:
-        raise CheckpointError(f"{path}: not a semiseg export (no config in its metadata)")
-    raw = config_mod.apply_overrides(meta["config"], overrides)
-    cfg = config_mod.from_dict(raw, f"{path} (embedded config): ")
-    info = dataset_info(cfg.data)
-    model = build_model(config_mod.replace(cfg, model={"pretrained": ""}).model, info.num_classes)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing:
-        raise CheckpointError(f"{path}: missing keys for this model, e.g. {missing[0]} ({len(missing)} in all)")
+    cfg, model, info = load_export(path, overrides)
     return cfg, model, info, path
 
 
@@ -136,7 +124,9 @@ def cmd_split(args) -> int:
     from semiseg.data.splits import fetch_split, make_split, write_split
 
     if args.fetch:
-        fetch_split(args.fetch, Path(args.out), name=args.name, sha256=args.sha256)
+        digests = dict(pair.split("=", 1) for pair in args.sha256) if args.sha256 else None
+        fetch_split(args.fetch, Path(args.out), sha256=digests)
+        print(f"fetched and verified {args.fetch} -> {args.out}")
         return 0
     data = _data_config(args.dataset, args.root, args.overrides)
     ds = build_dataset(data, args.from_split)
@@ -186,6 +176,15 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.out), quick=args.quick)
 
 
+def cmd_weak_derive(args) -> int:
+    from semiseg.data.weak import derive_file
+
+    data = _data_config(args.target, args.root, args.overrides)
+    images, labels = derive_file(data, args.kind, args.ids, Path(args.out), args.min_area, args.background, args.seed)
+    print(f"wrote {labels} {args.kind} of {images} images to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semiseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,9 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from-split", default="train", help="split the ids are drawn from")
     p.add_argument("--out", required=True, help="folder for labeled.txt and unlabeled.txt")
-    p.add_argument("--fetch", help="URL or path of a published split list to fetch and verify instead")
-    p.add_argument("--name", help="with --fetch: the split's name for verification, e.g. pascal/92/labeled")
-    p.add_argument("--sha256", help="with --fetch: expected checksum")
+    p.add_argument(
+        "--fetch",
+        help="URL or path of a published split folder (holding labeled.txt and unlabeled.txt) to fetch and verify; "
+        "line counts are checked when the folder ends in a known split name such as pascal/92",
+    )
+    p.add_argument("--sha256", nargs="+", metavar="FILE=HEX", help="with --fetch: expected checksums per file")
     _add_set(p)
     p.set_defaults(func=cmd_split)
 
@@ -259,6 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dest", help="destination folder (default: data/<dataset>)")
     g.add_argument("--link", action="store_true", help="symlink a local source's folders instead of copying")
     g.set_defaults(func=cmd_data_get)
+    p = sub.add_parser("weak", help="weak labels (SWDBN): derive image tags or boxes from full masks")
+    weak_sub = p.add_subparsers(dest="weak_command", required=True)
+    w = weak_sub.add_parser("derive", help="write the tags or boxes of chosen train images, derived from their masks")
+    w.add_argument("target", metavar="DATASET_OR_CONFIG")
+    w.add_argument("--root", help="dataset root")
+    w.add_argument("--kind", required=True, choices=["tags", "boxes"])
+    w.add_argument(
+        "--ids",
+        default="unlabeled",
+        help="unlabeled (the config's unlabeled part), all (the train split), a count or fraction of the unlabeled "
+        "part, or a file of ids",
+    )
+    w.add_argument("--out", required=True, help="text file to write (the format method.tags_file/boxes_file read)")
+    w.add_argument("--min-area", type=int, default=32, help="boxes: smallest connected component, in pixels")
+    w.add_argument("--background", default="auto", help="class given no box or tag: auto | a class name | ''")
+    w.add_argument("--seed", type=int, default=0, help="seed of a count or fraction of --ids")
+    _add_set(w)
+    w.set_defaults(func=cmd_weak_derive)
     return parser
 
 

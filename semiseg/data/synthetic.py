@@ -2,7 +2,8 @@
 
 Each of six object classes has its own shape and its own texture (disc/radial shading, square/checker,
 triangle/dots, ring/gradient, cross/grain, wavy blob/stripes). An object's hue lies near its class hue, but
-neighbouring classes overlap and saturation, value and lighting are random, so colour is a cue, never a proof. Scenes add what makes real segmentation hard: cluttered textured backgrounds
+neighbouring classes overlap and saturation, value and lighting are random, so colour is a cue, never a proof.
+Scenes add what makes real segmentation hard: cluttered textured backgrounds
 with distractors that reuse the class textures on other shapes (bars, elongated ellipses, irregular
 patches), objects that occlude each other, lighting gradients, brightness/contrast changes and noise.
 A scene is drawn in normalised coordinates, so the same (seed, split, index) gives the same scene at any size.

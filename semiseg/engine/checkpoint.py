@@ -30,6 +30,10 @@ def atomic_write_bytes(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600 files; give results the usual umask-based mode so others can read them.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -133,3 +137,37 @@ def read_export(path: Path) -> tuple[dict, dict]:
     except Exception as err:
         raise CheckpointError(f"{path}: cannot read safetensors file ({str(err)[:200]})") from None
     return sd, meta
+
+
+def load_export(path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+    """(cfg, model on CPU in eval mode, DatasetInfo) rebuilt from a safetensors export and its embedded config.
+
+    The network is rebuilt by the method that trained it (`method.build`), so multi-branch networks (BST, SWDBN)
+    load as themselves; `overrides` are `--set` strings applied to the embedded config (e.g. data.root).
+    """
+    from semiseg import config as config_mod
+    from semiseg.data.datasets import dataset_info
+    from semiseg.methods import METHODS
+
+    path = Path(path)
+    sd, meta = read_export(path)
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: not a semiseg export (no config in its metadata)")
+    raw = config_mod.apply_overrides(meta["config"], list(overrides))
+    raw.setdefault("model", {})["pretrained"] = ""
+    cfg = config_mod.from_dict(raw, f"{path} (embedded config): ")
+    info = dataset_info(cfg.data)
+    method = METHODS[cfg.method.name]
+    name = meta.get("net") or method.EVAL_NETS[0]
+    nets = method.build(cfg, info)
+    if name not in nets:
+        raise CheckpointError(f"{path}: the export names net {name!r}, which {cfg.method.name} does not build")
+    model = nets[name]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        kind = "missing" if missing else "unexpected"
+        raise CheckpointError(
+            f"{path}: {kind} key {key} for this model ({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    return cfg, model.eval(), info
