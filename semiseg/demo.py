@@ -85,7 +85,8 @@ def run_demo(out: Path, quick: bool = False) -> int:
     base = demo_config("supervised", quick)
     d = base.data
     print(describe(d.synthetic_size, d.synthetic_train, d.synthetic_val, d.synthetic_seed))
-    print(f"labeled: {d.labeled} images; unlabeled: the other {d.synthetic_train - int(d.labeled)}; val: {d.synthetic_val}")
+    n_unlabeled = d.synthetic_train - int(d.labeled)
+    print(f"labeled: {d.labeled} images; unlabeled: the other {n_unlabeled}; val: {d.synthetic_val}")
     print(f"model: {base.model.backbone} width {base.model.width}, {base.model.head}; {base.train.iters} steps each\n")
     t0 = time.perf_counter()
     runs, results = {}, {}
@@ -116,4 +117,3 @@ def run_demo(out: Path, quick: bool = False) -> int:
     atomic_write_text(out / "summary.txt", summary + "\n")
     atomic_write_json(out / "summary.json", {"config": config_mod.to_dict(base), "results": results, "gain": gain})
     return 0
-
