@@ -101,9 +101,12 @@ def test_load_refuses_pickled_code(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path, tiny_overrides):
     cfg = C.load(None, tiny_overrides + ["train.iters=6", "train.ckpt_every=3", "eval.every=0"])
     full = fit(cfg, tmp_path / "full", supervised, quiet=True)
-    fit(cfg, tmp_path / "cut", supervised, quiet=True, stop_after=3)
+    fit(cfg, tmp_path / "cut", supervised, quiet=True, stop_after=4)  # killed one step after the checkpoint
     assert (tmp_path / "cut" / "last.pt").is_file() and not (tmp_path / "cut" / "results.json").exists()
     resumed = fit(cfg, tmp_path / "cut", supervised, quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in rows if "train/loss" in r]
+    assert logged == sorted(set(logged)), "a resumed run must not log a step twice"
     a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert sorted(a) == list(range(1, 7)) and sorted(b) == list(range(1, 7))
     for step in range(4, 7):

@@ -86,6 +86,16 @@ class RunLog:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
 
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metrics.jsonl rows after `step` (written by a run killed after its last checkpoint)."""
+        if not self.main or self._jsonl is None:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        self._jsonl.close()
+        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r).get("step", 0) <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+        self._jsonl = open(path, "a", buffering=1)
+
     def close(self) -> None:
         for f in (self._text, self._jsonl):
             if f is not None:

@@ -211,6 +211,7 @@ def fit(
 
     if start > 0:
         log.info(f"resuming {run_dir} at step {start}/{iters}")
+        log.truncate_metrics(start)
 
     if cfg.train.compile:
         for name in method.TRAINED:
