@@ -10,10 +10,11 @@ The method contract (DESIGN.md): a method is one module with
   run(cfg, run_dir)            optional: multi-stage methods compose engine.loop.fit several times
 """
 
-from semiseg.methods import fixmatch, supervised, unimatch
+from semiseg.methods import fixmatch, supervised, swdbn, unimatch
 
 METHODS = {
     "supervised": supervised,
     "fixmatch": fixmatch,
     "unimatch": unimatch,
+    "swdbn": swdbn,
 }
