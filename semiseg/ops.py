@@ -52,3 +52,92 @@ def label_accuracy(label: torch.Tensor, gt: torch.Tensor, weight: torch.Tensor, 
 def roll(t: torch.Tensor) -> torch.Tensor:
     """The batch rolled by one sample: sample i's CutMix partner is sample i - 1 (train.mix_partner = roll)."""
     return t.roll(1, dims=0)
+
+
+def map_miou(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """mIoU in [0, 1] of label map `pred` against `ref` (same shape, integer): the nan-mean over classes present in
+    either map (ST++'s meanIOU); pixels with a value outside 0..num_classes-1 in either map are left out; scalar."""
+    c = num_classes
+    valid = (ref >= 0) & (ref < c) & (pred >= 0) & (pred < c)
+    cm = torch.bincount((ref[valid] * c + pred[valid]).long(), minlength=c * c).view(c, c).double()
+    tp = cm.diag()
+    return (tp / (cm.sum(0) + cm.sum(1) - tp)).nanmean()
+
+
+def stability_score(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """ST++ reliability of one image: preds (K, H, W) are the argmax maps of K checkpoints, the last one taken as
+    the reference; the mean over k < K of map_miou(preds[k], preds[K-1]); scalar in [0, 1]."""
+    if preds.shape[0] < 2:
+        raise ValueError(f"the stability score needs at least 2 checkpoints, got {preds.shape[0]}")
+    return torch.stack([map_miou(p, preds[-1], num_classes) for p in preds[:-1]]).mean()
+
+
+def entropy(prob: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Shannon entropy in nats of probabilities along `dim` (0 log 0 = 0); that dim is removed."""
+    return -torch.special.xlogy(prob, prob).sum(dim)
+
+
+def entropy_weights(probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """BST fusion weights (S, B, H, W) = softmax over the S branches of -H(p_s) / T, per pixel; probs (S, B, C, H, W).
+
+    The more certain a branch is at a pixel, the more its prediction counts there.
+    """
+    return (-entropy(probs.float(), dim=2) / temperature).softmax(dim=0)
+
+
+def fuse_branches(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-pixel weighted sum over branches: probs (S, B, C, H, W), weights (S, B, H, W) -> (B, C, H, W)."""
+    return (probs * weights.unsqueeze(2)).sum(0)
+
+
+def noisy_argmax(prob: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    """argmax over classes of prob (B, C, H, W) + N(0, std^2) i.i.d. per pixel and class; long (B, H, W).
+
+    With a small std only near-tie pixels change label. `gen` is a CPU generator (the noise is drawn there, so a
+    seed gives the same labels on every device); std = 0 is the plain argmax.
+    """
+    if std <= 0:
+        return prob.argmax(1)
+    eps = torch.randn(prob.shape, generator=gen, dtype=torch.float32).to(prob.device)
+    return (prob.float() + std * eps).argmax(1)
+
+
+def drop_pixels(label: torch.Tensor, rate: float, gen: torch.Generator, ignore: int = 255) -> torch.Tensor:
+    """label (B, H, W) with each pixel independently set to `ignore` with probability `rate` (CPU generator)."""
+    drop = (torch.rand(label.shape, generator=gen) < rate).to(label.device)
+    return label.masked_fill(drop, ignore)
+
+
+def input_noise(x: torch.Tensor, std: float, gen: torch.Generator, select: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, C, H, W) + N(0, std^2) per element on the samples where `select` (B,) bool is set (all when None)."""
+    eps = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
+    if select is not None:
+        eps = eps * select.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return x + std * eps
+
+
+def class_aware_selection(prob: torch.Tensor, ratio: float = 0.96, thresh: float = 0.92) -> torch.Tensor:
+    """DSSN's class-aware pseudo-label selection: bool (B, H, W) from probabilities prob (B, C, H, W).
+
+    Per image and class c, with peak m_c = max over pixels of prob[c]: t_c = ratio * m_c if m_c > thresh else m_c;
+    a pixel is kept if prob[c] > t_c for some c. Comparisons are strict, so a class whose peak is <= thresh keeps
+    no pixel at all, and only the argmax class can pass (ratio < 1 and thresh >= 0.5).
+    """
+    prob = prob.detach().float()
+    peak = prob.amax(dim=(2, 3), keepdim=True)
+    t = torch.where(peak > thresh, peak * ratio, peak)
+    return (prob > t).any(dim=1)
+
+
+def fifo_push(bank: torch.Tensor, ptr: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One class's FIFO queue after pushing items (n, D) into bank (N, D) at slot ptr (long, 0-dim).
+
+    Returns (new bank, new pointer): item k lands in slot (ptr + k) mod N, so past capacity the oldest entries
+    are overwritten first and the pointer wraps; pushing n > N items keeps the last N. The input is not modified.
+    """
+    size, n = bank.shape[0], items.shape[0]
+    if n == 0:
+        return bank.clone(), ptr.clone()
+    kept = items[-size:].to(bank.dtype)
+    slots = (ptr + (n - kept.shape[0]) + torch.arange(kept.shape[0], device=bank.device)) % size
+    return bank.index_copy(0, slots, kept), (ptr + n) % size

@@ -98,12 +98,16 @@ def test_load_refuses_pickled_code(tmp_path):
         checkpoint.load(p)
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_overrides):
-    cfg = C.load(None, tiny_overrides + ["train.iters=6", "train.ckpt_every=3", "eval.every=0"])
-    full = fit(cfg, tmp_path / "full", supervised, quiet=True)
-    fit(cfg, tmp_path / "cut", supervised, quiet=True, stop_after=4)  # killed one step after the checkpoint
+@pytest.mark.parametrize("name", ["supervised", "unimatch"])
+def test_resume_equals_uninterrupted(tmp_path, tiny_overrides, name):
+    from semiseg.methods import METHODS
+
+    method = METHODS[name]
+    cfg = C.load(None, tiny_overrides + ["train.iters=6", "train.ckpt_every=3", "eval.every=0", f"method.name={name}"])
+    full = fit(cfg, tmp_path / "full", method, quiet=True)
+    fit(cfg, tmp_path / "cut", method, quiet=True, stop_after=4)  # killed one step after the checkpoint
     assert (tmp_path / "cut" / "last.pt").is_file() and not (tmp_path / "cut" / "results.json").exists()
-    resumed = fit(cfg, tmp_path / "cut", supervised, quiet=True)
+    resumed = fit(cfg, tmp_path / "cut", method, quiet=True)
     rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     logged = [r["step"] for r in rows if "train/loss" in r]
     assert logged == sorted(set(logged)), "a resumed run must not log a step twice"
@@ -113,7 +117,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_overrides):
         assert a[step] == b[step], (step, a[step], b[step])
     assert resumed.last["miou"] == full.last["miou"]
     # A finished run is not trained again.
-    again = fit(cfg, tmp_path / "cut", supervised, quiet=True)
+    again = fit(cfg, tmp_path / "cut", method, quiet=True)
     assert again.last["miou"] == full.last["miou"]
 
 

@@ -145,6 +145,9 @@ class Stream:
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
             drop_last=True,
+            # A private generator: building the iterator must not draw from the global RNG, which dropout uses
+            # and which resume restores before the streams start.
+            generator=torch.Generator().manual_seed(seed * 31 + stream),
         )
         self._it = None
 

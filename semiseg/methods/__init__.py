@@ -10,11 +10,13 @@ The method contract (DESIGN.md): a method is one module with
   run(cfg, run_dir)            optional: multi-stage methods compose engine.loop.fit several times
 """
 
-from semiseg.methods import fixmatch, supervised, swdbn, unimatch
+from semiseg.methods import ctt, dssn, fixmatch, supervised, swdbn, unimatch
 
 METHODS = {
     "supervised": supervised,
     "fixmatch": fixmatch,
     "unimatch": unimatch,
+    "dssn": dssn,
+    "ctt": ctt,
     "swdbn": swdbn,
 }
