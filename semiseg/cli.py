@@ -185,6 +185,13 @@ def cmd_weak_derive(args) -> int:
     return 0
 
 
+def cmd_suggest(args) -> int:
+    from semiseg.suggest import suggest
+
+    suggest(Path(args.run), args.budget, args.out, args.overrides, args.device or "")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semiseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -279,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0, help="seed of a count or fraction of --ids")
     _add_set(w)
     w.set_defaults(func=cmd_weak_derive)
+
+    p = sub.add_parser("suggest", help="the unlabeled images whose predictions are least stable: annotate these next")
+    p.add_argument("run", metavar="RUN", help="run folder with snapshot exports (ST/ST++/BST) or best/last exports")
+    p.add_argument("--budget", type=int, required=True, metavar="N", help="number of images to suggest")
+    p.add_argument("--out", help="output folder (default RUN/suggest)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: the run's)")
+    _add_set(p)
+    p.set_defaults(func=cmd_suggest)
     return parser
 
 

@@ -10,7 +10,7 @@ The method contract (DESIGN.md): a method is one module with
   run(cfg, run_dir)            optional: multi-stage methods compose engine.loop.fit several times
 """
 
-from semiseg.methods import ctt, dssn, fixmatch, supervised, swdbn, unimatch
+from semiseg.methods import bst, ctt, dssn, fixmatch, st, supervised, swdbn, unimatch
 
 METHODS = {
     "supervised": supervised,
@@ -19,4 +19,7 @@ METHODS = {
     "dssn": dssn,
     "ctt": ctt,
     "swdbn": swdbn,
+    "st": st,
+    "stpp": st,  # ST++: the same module; Config.plus is derived from the name
+    "bst": bst,
 }
