@@ -1,4 +1,4 @@
-"""The `semiseg` command: demo, train, eval, predict, split, data-check, bench, data get.
+"""The `semiseg` command: demo, train, eval, predict, split, data-check, data get, bench, weak derive, suggest.
 
 Errors the user can fix (a bad config key, a missing file, a wrong label value) are printed as one line and the
 command exits with status 2; no traceback.
@@ -298,15 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from semiseg.engine import dist
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        # Let every rank finish its work before the process groups go away.
+        dist.barrier()
+        return status
     except SemisegError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        # A process group left alive at interpreter exit can abort the process (SIGABRT) after the work is done.
+        dist.cleanup()
 
 
 if __name__ == "__main__":
