@@ -297,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """The user-facing line of an error; DataLoader workers re-raise ours wrapped in a multi-line traceback."""
+    text = str(err).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(type(err).__module__) and ": " in last else last
+
+
 def main(argv: list[str] | None = None) -> int:
     from semiseg.engine import dist
 
@@ -307,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
         return status
     except SemisegError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

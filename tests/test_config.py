@@ -125,3 +125,26 @@ def test_every_preset_loads_strictly(path):
     C.load(path)
     head = path.read_text().splitlines()[0]
     assert head.startswith("#"), f"{path} must open with a comment (command, hardware, expected result)"
+
+
+def test_cli_error_is_one_line_even_from_a_loader_worker():
+    from semiseg.cli import one_line
+    from semiseg.errors import DataError
+
+    wrapped = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nsemiseg.errors.DataError: masks/a.png: label 17 out of range'
+    )
+    assert one_line(wrapped) == "masks/a.png: label 17 out of range"
+    assert one_line(DataError("a: b")) == "a: b"
+
+
+def test_cli_bad_config_key_prints_one_line_and_exits_2(tmp_path, capsys):
+    from semiseg.cli import main
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("# x\ndata:\n  crp: 3\n")
+    assert main(["train", str(p), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "data.crp" in err and str(p) in err
+    assert not (tmp_path / "run").exists()
