@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from semiseg import config as config_mod
 from semiseg.engine.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -58,7 +58,13 @@ def gallery(runs: dict, cfg: config_mod.Config, out: Path, count: int = 4) -> Pa
         rows.append(np.concatenate(cells, axis=1))
     grid = np.concatenate(rows, axis=0)
     scale = max(1, 384 // grid.shape[1] + 1)
-    image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    body = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    image = Image.new("RGB", (body.width, body.height + 16), "white")
+    image.paste(body, (0, 16))
+    draw = ImageDraw.Draw(image)
+    cell = body.width // (2 + len(runs))
+    for i, title in enumerate(["input", "ground truth", *runs]):
+        draw.text((i * cell + 4, 2), title, fill="black")
     path = out / "gallery.png"
     atomic_write_bytes(path, lambda tmp: image.save(tmp, format="PNG"))
     return path

@@ -35,7 +35,7 @@ def test_torchrun_two_processes(tmp_path, tiny_overrides):
     assert result["steps"] == 4 and result["last"]["miou"] >= 0
     assert (tmp_path / "ddp" / "last.safetensors").is_file()
     log = (tmp_path / "ddp" / "log.txt").read_text()
-    assert log.count("config:") == 1  # rank 0 alone writes
+    assert log.count("] config:") == 1  # rank 0 alone writes
 
     run(["eval", str(tmp_path / "ddp"), "--out", str(tmp_path / "e1.json"), "--device", "cpu"], tmp_path, nproc=1)
     run(["eval", str(tmp_path / "ddp"), "--out", str(tmp_path / "e2.json"), "--device", "cpu"], tmp_path, nproc=2)

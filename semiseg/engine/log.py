@@ -63,11 +63,11 @@ class RunLog:
                 except Exception:  # tensorboard is optional
                     self._tb = None
 
-    def info(self, text: str) -> None:
-        """A line to the console (unless quiet) and the text log, with a timestamp in the log."""
+    def info(self, text: str, console: bool = True) -> None:
+        """A line to the console (unless quiet or console=False) and the text log, with a timestamp in the log."""
         if not self.main:
             return
-        if not self.quiet:
+        if console and not self.quiet:
             print(text, file=sys.stdout, flush=True)
         if self._text is not None:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -204,7 +204,10 @@ def fit(
         if start >= iters and (run_dir / "results.json").is_file():
             log.info(f"{run_dir}: already finished ({iters} steps); nothing to do")
     else:
-        log.info(f"run folder {run_dir}\nconfig:\n{config_mod.dump(cfg)}seed {cfg.train.seed}\nversions {versions()}")
+        log.info(
+            f"run folder {run_dir}\nconfig:\n{config_mod.dump(cfg)}seed {cfg.train.seed}\nversions {versions()}", False
+        )
+        log.info(f"run folder {run_dir} (resolved config: {run_dir / 'config.yaml'}, log: {run_dir / 'log.txt'})")
         if dist.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
