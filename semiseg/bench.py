@@ -216,23 +216,11 @@ def evaluate_export(path: Path, split: str) -> dict:
     """Metrics of an export on `split`, with the evaluation settings of its own config."""
     from semiseg.data.datasets import build_dataset
     from semiseg.engine import dist
-    from semiseg.engine.evaluate import evaluate
+    from semiseg.engine.evaluate import evaluate_config
 
     cfg, model, info = load_export(path)
     device = dist.init(cfg.train.device)
-    return evaluate(
-        model.to(device),
-        build_dataset(cfg.data, split),
-        info,
-        mode=cfg.eval.mode or info.eval_mode,
-        window=cfg.eval.window or cfg.data.crop,
-        stride=cfg.eval.stride,
-        scales=cfg.eval.scales,
-        flip=cfg.eval.flip,
-        batch_size=cfg.eval.batch_size,
-        device=device,
-        max_images=cfg.eval.max_images,
-    )
+    return evaluate_config(model.to(device), build_dataset(cfg.data, split), info, cfg, device)
 
 
 def _method_fields(method: str) -> set[str]:

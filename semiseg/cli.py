@@ -66,26 +66,14 @@ def cmd_eval(args) -> int:
     from semiseg.data.datasets import build_dataset
     from semiseg.engine import dist
     from semiseg.engine.checkpoint import atomic_write_json
-    from semiseg.engine.evaluate import evaluate, format_table
+    from semiseg.engine.evaluate import evaluate_config, format_table
 
     cfg, model, info, path = _load_run(args.target, args.overrides)
     device = dist.init(cfg.train.device if args.device is None else args.device)
     split = args.split or cfg.data.val_split
     ds = build_dataset(cfg.data, split)
     mode = args.mode or cfg.eval.mode or info.eval_mode
-    res = evaluate(
-        model.to(device),
-        ds,
-        info,
-        mode=mode,
-        window=cfg.eval.window or cfg.data.crop,
-        stride=cfg.eval.stride,
-        scales=cfg.eval.scales,
-        flip=cfg.eval.flip,
-        batch_size=cfg.eval.batch_size,
-        device=device,
-        max_images=cfg.eval.max_images,
-    )
+    res = evaluate_config(model.to(device), ds, info, cfg, device, mode=mode)
     if dist.is_main():
         print(format_table(res))
         print(f"mIoU {res['miou']:.2f} on {split} ({mode}, {res['images']} images) — {path}")

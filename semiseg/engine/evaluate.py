@@ -414,3 +414,30 @@ def write_results(
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def evaluate_config(
+    model: nn.Module,
+    dataset: Sequence,
+    info: DatasetInfo,
+    cfg,
+    device: torch.device | str | None = None,
+    mode: str = "",
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """`evaluate` with the settings of a run's Config (eval section, crop as default window); `mode` overrides."""
+    return evaluate(
+        model,
+        dataset,
+        info,
+        mode=mode or cfg.eval.mode or info.eval_mode,
+        window=cfg.eval.window or cfg.data.crop,
+        stride=cfg.eval.stride,
+        scales=cfg.eval.scales,
+        flip=cfg.eval.flip,
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        max_images=cfg.eval.max_images,
+        amp_dtype=amp_dtype,
+        channels_last=cfg.train.channels_last,
+    )

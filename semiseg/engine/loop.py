@@ -115,27 +115,12 @@ def _prepare(net: nn.Module, device: torch.device, cfg: Config) -> nn.Module:
 
 
 def _evaluate_nets(method, nets, val_set, cfg: Config, info, device, dtype) -> dict[str, dict]:
-    from semiseg.engine.evaluate import evaluate
+    from semiseg.engine.evaluate import evaluate_config
 
-    mode = cfg.eval.mode or info.eval_mode
-    results = {}
-    for name in method.EVAL_NETS:
-        results[name] = evaluate(
-            checkpoint.unwrap(nets[name]),
-            val_set,
-            info,
-            mode=mode,
-            window=cfg.eval.window or cfg.data.crop,
-            stride=cfg.eval.stride,
-            scales=cfg.eval.scales,
-            flip=cfg.eval.flip,
-            batch_size=cfg.eval.batch_size,
-            device=device,
-            max_images=cfg.eval.max_images,
-            amp_dtype=dtype,
-            channels_last=cfg.train.channels_last,
-        )
-    return results
+    return {
+        name: evaluate_config(checkpoint.unwrap(nets[name]), val_set, info, cfg, device, amp_dtype=dtype)
+        for name in method.EVAL_NETS
+    }
 
 
 def fit(
