@@ -520,3 +520,22 @@ def classmix_mask(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     rank = score.argsort(dim=1).argsort(dim=1)
     chosen = rank < present.sum(dim=1, keepdim=True) // 2
     return chosen.gather(1, flat).view(labels.shape)
+
+
+def partner_views(
+    image: torch.Tensor,
+    pad: torch.Tensor,
+    views: list[torch.Tensor],
+    gen: torch.Generator,
+    cfg: StrongAugConfig | None = None,
+    mix_image: torch.Tensor | None = None,
+    mix_pad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """CutMix partners of a batch: (weak image, pad, one strong view per entry of `views`).
+
+    From a second unlabeled stream when `mix_image` is given (its own strong views, drawn in order), else the
+    batch rolled by one sample (sample i's partner is sample i - 1, with the strong views already drawn).
+    """
+    if mix_image is not None:
+        return mix_image, mix_pad, [strong_view(mix_image, gen, cfg) for _ in views]
+    return image.roll(1, dims=0), pad.roll(1, dims=0), [v.roll(1, dims=0) for v in views]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from semiseg.config import ConfigError, MethodConfig
-from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, normalize, strong_view
+from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, normalize, partner_views, strong_view
 from semiseg.engine.checkpoint import unwrap
 from semiseg.engine.ema import ema_update
 from semiseg.engine.loop import StepOut
@@ -151,16 +151,15 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
         box2 = cutmix_box(n_u, h, w, ctx.gen, aug.cutmix_p, aug.mix_area, aug.mix_ratio, s1.device)
 
     # The teacher stays in train mode (BatchNorm on batch statistics), as in the reference; it never gets gradients.
+    u_mix = batch.u_mix
+    partner_w, partner_pad, (partner_s1, partner_s2) = partner_views(
+        u.image, u.pad, [s1, s2], ctx.gen, aug, *((u_mix.image, u_mix.pad) if u_mix else ())
+    )
     with torch.no_grad():
         t_w = teacher(normalize(u.image))
-        if batch.u_mix is not None:
-            partner_pad = batch.u_mix.pad
-            partner_s1 = strong_view(batch.u_mix.image, ctx.gen, aug)
-            partner_s2 = strong_view(batch.u_mix.image, ctx.gen, aug)
-            t_p = teacher(normalize(batch.u_mix.image))
-        else:
-            # train-mode BatchNorm statistics do not depend on the order of the batch: roll the teacher's output
-            partner_pad, partner_s1, partner_s2, t_p = roll(u.pad), roll(s1), roll(s2), roll(t_w)
+        # train-mode BatchNorm statistics do not depend on the order of the batch: with rolled partners, roll the
+        # teacher's output instead of running it again
+        t_p = teacher(normalize(partner_w)) if u_mix is not None else roll(t_w)
 
     x_lw = normalize(torch.cat([l.image, u.image]))
     strong = normalize(torch.cat([mix(s1, partner_s1, box1), mix(s2, partner_s2, box2)]))

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 
 from semiseg.config import MethodConfig
-from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, normalize, strong_view
+from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, normalize, partner_views, strong_view
 from semiseg.engine.loop import StepOut
 from semiseg.losses import masked_ce, supervised_loss
 from semiseg.models import build_model
-from semiseg.ops import confident, cutmix_targets, label_accuracy, mask_ratio, pseudo_label, roll
+from semiseg.ops import confident, cutmix_targets, label_accuracy, mask_ratio, pseudo_label
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,10 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     n_l, (n_u, _, h, w) = l.image.shape[0], u.image.shape
     s = strong_view(u.image, ctx.gen, cfg.strong)
     box = cutmix_box(n_u, h, w, ctx.gen, cfg.strong.cutmix_p, cfg.strong.mix_area, cfg.strong.mix_ratio, s.device)
-    if batch.u_mix is not None:
-        partner_w, partner_pad = batch.u_mix.image, batch.u_mix.pad
-        partner_s = strong_view(partner_w, ctx.gen, cfg.strong)
-    else:
-        partner_w, partner_pad, partner_s = roll(u.image), roll(u.pad), roll(s)
+    u_mix = batch.u_mix
+    partner_w, partner_pad, (partner_s,) = partner_views(
+        u.image, u.pad, [s], ctx.gen, cfg.strong, *((u_mix.image, u_mix.pad) if u_mix else ())
+    )
 
     # The partner's pseudo-label comes from an eval-mode (running BN statistics), no-grad pass, as in the reference.
     with torch.no_grad():

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from semiseg.config import MethodConfig
-from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, normalize, strong_view
+from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, normalize, partner_views, strong_view
 from semiseg.engine.loop import StepOut
 from semiseg.losses import masked_ce, supervised_loss
 from semiseg.models import build_model
-from semiseg.ops import confident, cutmix_targets, label_accuracy, mask_ratio, pseudo_label, roll
+from semiseg.ops import confident, cutmix_targets, label_accuracy, mask_ratio, pseudo_label
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,10 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     s1, s2 = strong_view(u.image, ctx.gen, aug), strong_view(u.image, ctx.gen, aug)
     box1 = cutmix_box(n_u, h, w, ctx.gen, aug.cutmix_p, aug.mix_area, aug.mix_ratio, s1.device)
     box2 = cutmix_box(n_u, h, w, ctx.gen, aug.cutmix_p, aug.mix_area, aug.mix_ratio, s1.device)
-    if batch.u_mix is not None:
-        partner_w, partner_pad = batch.u_mix.image, batch.u_mix.pad
-        partner_s1, partner_s2 = strong_view(partner_w, ctx.gen, aug), strong_view(partner_w, ctx.gen, aug)
-    else:
-        partner_w, partner_pad, partner_s1, partner_s2 = roll(u.image), roll(u.pad), roll(s1), roll(s2)
+    u_mix = batch.u_mix
+    partner_w, partner_pad, (partner_s1, partner_s2) = partner_views(
+        u.image, u.pad, [s1, s2], ctx.gen, aug, *((u_mix.image, u_mix.pad) if u_mix else ())
+    )
 
     # The partner's pseudo-label comes from an eval-mode (running BN statistics), no-grad pass, as in the reference.
     with torch.no_grad():
