@@ -5,12 +5,16 @@ is unlabeled) and written to OUT/splits/seed<k>/; every method then trains on th
 seed<k> with train.seed = k. Two references always run: `supervised` (the labeled subset only) and `full`
 (supervised on every train label, the upper reference); each method is scored by the share of the gap between
 them that it closes. All runs share one resolved config except `method.*`, the split lists and, for `full`,
-data.labeled = "" (all labels); train.iters is fixed for all, so the references train as many steps.
+data.labeled = "" (all labels) and train.full_iters steps when the preset sets it (the upper reference sees 8x the
+images of a 1/8 run and needs more steps to reach its plateau); every other run trains train.iters steps.
 
 Method-specific settings: a file `<method>.yaml` beside the preset holding only a `method:` section (e.g.
 configs/camvid/unimatch.yaml with `method: {tau: 0.9}`) and `--set method.KEY=VALUE`, each applied to the methods
-whose Config has KEY (preset `method:` keys < per-method file < --set). Rerunning resumes unfinished runs and
-skips finished ones; a run folder trained with another config is an error, never silently mixed in.
+whose Config has KEY (preset `method:` keys < per-method file < --set). A variant of a method is benched beside it
+by naming its keys in --methods: `dssn,dssn:align=none` or `swdbn:single_branch=true:lam=0.5` (its own row and run
+folder, its keys applied last) -- this is how ablations share one bench folder and its references. Rerunning
+resumes unfinished runs and skips finished ones; a run folder trained with another config is an error, never
+silently mixed in.
 """
 
 from __future__ import annotations
@@ -147,7 +151,8 @@ def protocol_lines(results: dict) -> list[str]:
         f"preset `{p['preset']}`: {p['dataset']} at `{p['data_root']}`",
         f"labeled {p['labeled']} of {p['train_split']} ({p['labeled_count']} labeled / {p['unlabeled_count']} "
         f"unlabeled of {p['train_count']}), seeds {seeds} (split and training seed); "
-        f"`full` uses all {p['train_count']} labels",
+        f"`full` uses all {p['train_count']} labels"
+        + (f" and trains {p['full_iters']} iterations" if p.get("full_iters", p["iters"]) != p["iters"] else ""),
         f"model {p['model']}; images {res[0]}x{res[1]} (resize {p['resize']:g}), crop {p['crop']}, "
         f"{p['iters']} iterations, batch {p['batch_size']} labeled + {p['batch_size_u']} unlabeled",
         f"evaluation on {p['eval_split']} ({p['eval_images']} images, {p['eval_mode']}); best = the checkpoint with "
@@ -252,6 +257,42 @@ def method_section(
         raw = _merge(raw, section)
     mine = [s for s in method_sets if config_mod.parse_override(s)[0][1] in fields]
     return config_mod.apply_overrides({"method": raw}, mine)["method"]
+
+
+def parse_method(entry: str) -> tuple[str, list[str]]:
+    """A --methods entry -> (method, its own overrides).
+
+    `dssn` -> ("dssn", []); `dssn:align=none:beta=0.5` -> ("dssn", ["method.align=none", "method.beta=0.5"]);
+    a dotted key names any config field: `unimatch:train.mix_partner=stream` -> ["train.mix_partner=stream"].
+    """
+    from semiseg.methods import METHODS
+
+    name, *keys = [part.strip() for part in entry.split(":")]
+    if name not in METHODS:
+        raise ConfigError(f"--methods {entry}: unknown method {name!r}; choose from {', '.join(METHODS)}")
+    fields = _method_fields(name)
+    sets = []
+    for key in keys:
+        field, eq, value = key.partition("=")
+        if not eq or not field:
+            raise ConfigError(f"--methods {entry}: expected METHOD:KEY=VALUE[:KEY=VALUE...], got {key!r}")
+        if "." in field:
+            if field.split(".")[0] == "method" or field.split(".")[0] == "data":
+                raise ConfigError(
+                    f"--methods {entry}: {field}: a variant changes method keys (no prefix) or train.*, "
+                    "model.*, optim.*, eval.*; the data is the bench's"
+                )
+            sets.append(f"{field}={value}")
+        elif field == "name" or field not in fields:
+            raise ConfigError(f"--methods {entry}: {name} has no method field {field!r}")
+        else:
+            sets.append(f"method.{field}={value}")
+    return name, sets
+
+
+def run_folder_name(entry: str) -> str:
+    """The run folder of a bench entry: `dssn:align=none` -> `dssn+align=none` (no ':' in paths)."""
+    return entry.replace(":", "+").replace("/", "_")
 
 
 def _check_method_keys(keys: Sequence[str], methods: Sequence[str], what: str) -> None:
@@ -407,22 +448,19 @@ def run_bench(
     from semiseg.engine.evaluate import describe_mode
     from semiseg.engine.log import versions
     from semiseg.engine.loop import total_iters
-    from semiseg.methods import METHODS
 
     out = Path(out)
     preset_path = _shown(resolve_preset(preset))
     where = f"{preset_path}: "
     methods = list(dict.fromkeys(m.strip() for m in methods if m.strip() and m.strip() not in REFERENCES))
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"--methods {m}: unknown method; choose from {', '.join(METHODS)}")
+    variants = {m: parse_method(m) for m in methods}
     order = ["supervised", *methods, "full"]
     shared_sets, method_sets = _split_overrides(overrides)
     raw = config_mod.read_yaml(preset_path)
     preset_method = dict(raw.pop("method", None) or {})
     preset_method.pop("name", None)
     raw = config_mod.apply_overrides(raw, shared_sets + ([f"data.root={data_root}"] if data_root else []))
-    benched = ["supervised", *methods]
+    benched = ["supervised", *dict.fromkeys(base_name for base_name, _ in variants.values())]
     _check_method_keys(list(preset_method), benched, f"{preset_path}:")
     _check_method_keys([config_mod.parse_override(s)[0][1] for s in method_sets], benched, "--set")
 
@@ -451,16 +489,19 @@ def run_bench(
         )
         split_files[seed] = {"labeled": str(lab_path), "unlabeled": str(unl_path)}
         for name in order:
-            actual = "supervised" if name in REFERENCES else name
+            actual, own_sets = ("supervised", []) if name in REFERENCES else variants[name]
             run_raw = copy.deepcopy(raw)
             sets = {"labeled": str(lab_path), "unlabeled": str(unl_path), "split_seed": seed}
+            run_raw.setdefault("train", {})["seed"] = seed
             if name == "full":
                 sets.update(labeled="", unlabeled="")
+                run_raw["train"]["iters"] = base.train.full_iters or iters
             run_raw.setdefault("data", {}).update(sets)
-            run_raw.setdefault("train", {})["seed"] = seed
+            own_method = [t for t in own_sets if t.startswith("method.")]
             run_raw["method"] = method_section(
-                actual, preset_method, preset_path.parent / f"{actual}.yaml", method_sets, where
+                actual, preset_method, preset_path.parent / f"{actual}.yaml", method_sets + own_method, where
             )
+            run_raw = config_mod.apply_overrides(run_raw, [t for t in own_sets if not t.startswith("method.")])
             configs[(name, seed)] = config_mod.from_dict(run_raw, where)
 
     first = configs[("supervised", seeds[0])]
@@ -493,6 +534,7 @@ def run_bench(
             "resize": base.data.resize,
             "crop": base.data.crop,
             "iters": iters,
+            "full_iters": base.train.full_iters or iters,
             "batch_size": base.data.batch_size,
             "batch_size_u": base.data.batch_size_u,
             "model": f"{base.model.backbone} (width {base.model.width}, {base.model.stem} stem, "
@@ -509,7 +551,7 @@ def run_bench(
     }
     total = len(configs)
     for i, ((name, seed), cfg) in enumerate(configs.items(), 1):
-        run_dir = out / "runs" / name / f"seed{seed}"
+        run_dir = out / "runs" / run_folder_name(name) / f"seed{seed}"
         print(f"bench: [{i}/{total}] {name} seed {seed} -> {run_dir}")
         result = train_run(name, cfg, run_dir, quiet)
         evaluated = eval_on_split(run_dir, eval_split) if eval_split != cfg.data.val_split else None

@@ -136,6 +136,9 @@ class TrainConfig:
     """optimizer steps; 0 = derived from epochs"""
     epochs: float = 0.0
     """epochs over the unlabeled set (labeled set for supervised methods); used when iters = 0"""
+    full_iters: int = 0
+    """semiseg bench: steps of the `full` reference (every train label; 0 = the methods' steps); it sees many
+    more distinct images than a 1/8 run and needs more steps to reach its plateau"""
     seed: int = 0
     """seed of the run (model init, sampling, augmentation)"""
     device: str = "auto"

@@ -91,7 +91,9 @@ def _figure_png(plt, fig) -> bytes:
 
 
 def _run_dir(bench_dir: Path, name: str, seed: int | str) -> Path:
-    return bench_dir / "runs" / name / f"seed{seed}"
+    from semiseg.bench import run_folder_name
+
+    return bench_dir / "runs" / run_folder_name(name) / f"seed{seed}"
 
 
 CURVE_PANELS = (

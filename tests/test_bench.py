@@ -23,6 +23,7 @@ TINY_BENCH = [
     "model.low_level_channels=8",
     "optim.lr=0.01",
     "train.iters=4",
+    "train.full_iters=6",
     "train.log_every=1",
     "train.device=cpu",
     "eval.every=2",
@@ -188,12 +189,12 @@ def test_bench_end_to_end_on_another_split(tiny_bench):
     p = results["protocol"]
     assert (p["labeled_count"], p["unlabeled_count"], p["train_count"]) == (2, 8, 10)
     assert (p["eval_split"], p["val_split"], p["eval_images"], p["resolution"]) == ("test", "val", 3, [32, 24])
-    assert p["iters"] == 4 and p["preset"].endswith("configs/camvid/bench.yaml") and p["eval_mode"] == "whole"
+    assert p["iters"] == 4 and p["full_iters"] == 6 and p["preset"].endswith("configs/camvid/bench.yaml") and p["eval_mode"] == "whole"
     assert "--eval-split test" in p["command"] and p["versions"]["torch"]
     assert p["config"]["data"]["crop"] == 24 and p["method_configs"]["fixmatch"]["tau"] == 0.95
     for name in results["methods"]:
         run = results["runs"][name]["0"]
-        assert run["steps"] == 4 and 0 <= run["miou_best"] <= 100 and 0 <= run["miou_last"] <= 100
+        assert run["steps"] == (6 if name == "full" else 4) and 0 <= run["miou_best"] <= 100 and 0 <= run["miou_last"] <= 100
         assert run["selection"]["split"] == "val" and run["train_seconds"] > 0 and run["images_per_second"] > 0
         assert set(run["iou_best"]) == set(p["classes"])
         evaluated = json.loads((out / "runs" / name / "seed0" / "eval_test.json").read_text())
@@ -212,7 +213,8 @@ def test_bench_end_to_end_on_another_split(tiny_bench):
     assert configs["full"]["data"]["labeled"] == "" and configs["full"]["data"]["unlabeled"] == ""
     for name in ("fixmatch", "full"):
         differ = {s for s in configs[name] if configs[name][s] != configs["supervised"][s]}
-        assert differ == ({"method"} if name == "fixmatch" else {"data"})
+        assert differ == ({"method"} if name == "fixmatch" else {"data", "train"})
+    assert configs["full"]["train"] == dict(configs["supervised"]["train"], iters=6)
     full_data = dict(configs["full"]["data"], labeled=configs["supervised"]["data"]["labeled"])
     full_data["unlabeled"] = configs["supervised"]["data"]["unlabeled"]
     assert full_data == configs["supervised"]["data"]
@@ -255,3 +257,39 @@ def test_bench_usage_errors(tmp_path, capsys):
     assert "--methods nosuch: unknown method" in capsys.readouterr().err
     assert main(["bench", "camvid", "--methods", "fixmatch", "--seeds", "0,x", "--out", str(tmp_path)]) == 2
     assert "--seeds 0,x" in capsys.readouterr().err
+
+
+def test_parse_method_variants():
+    assert bench.parse_method("dssn") == ("dssn", [])
+    assert bench.parse_method("dssn:align=none") == ("dssn", ["method.align=none"])
+    assert bench.parse_method("ctt:contrast=false:w_high=0.2") == ("ctt", ["method.contrast=false", "method.w_high=0.2"])
+    assert bench.run_folder_name("dssn:align=none") == "dssn+align=none"
+    assert bench.parse_method("unimatch:train.mix_partner=stream") == ("unimatch", ["train.mix_partner=stream"])
+    with pytest.raises(ConfigError, match="the data is the bench's"):
+        bench.parse_method("unimatch:data.crop=64")
+    with pytest.raises(ConfigError, match="dssn has no method field 'nosuch'"):
+        bench.parse_method("dssn:nosuch=1")
+    with pytest.raises(ConfigError, match="expected METHOD:KEY=VALUE"):
+        bench.parse_method("dssn:align")
+    with pytest.raises(ConfigError, match="unknown method 'nosuch'"):
+        bench.parse_method("nosuch:tau=1")
+
+
+def test_bench_variant_shares_the_references(tiny_bench, tmp_path, capsys):
+    import shutil
+
+    root, out, argv = tiny_bench
+    copy = tmp_path / "bench"
+    shutil.copytree(out, copy)
+    argv = [a if a != str(out) else str(copy) for a in argv]
+    at = argv.index("--methods") + 1
+    argv[at] = "fixmatch,fixmatch:tau=0.5"
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("finished; skipped") == 3  # both references and plain fixmatch
+    results = json.loads((copy / "results.json").read_text())
+    assert results["methods"] == ["supervised", "fixmatch", "fixmatch:tau=0.5", "full"]
+    assert results["protocol"]["method_configs"]["fixmatch:tau=0.5"]["tau"] == 0.5
+    cfg = yaml.safe_load((copy / "runs" / "fixmatch+tau=0.5" / "seed0" / "config.yaml").read_text())
+    assert cfg["method"]["name"] == "fixmatch" and cfg["method"]["tau"] == 0.5
+    assert "| fixmatch:tau=0.5 |" in (copy / "results.md").read_text()
