@@ -19,6 +19,7 @@ silently mixed in.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -359,12 +360,40 @@ def train_run(name: str, cfg: Config, run_dir: Path, quiet: bool = False) -> dic
     if (run_dir / "results.json").is_file():
         print(f"bench: {run_dir} finished; skipped")
         return read_run_result(run_dir)
-    method = METHODS[cfg.method.name]
-    if hasattr(method, "run"):
-        method.run(cfg, run_dir)
-    else:
-        fit(cfg, run_dir, method, quiet=quiet)
+    # Two benches sharing a folder (e.g. `--methods dssn` and `--methods ctt` side by side) both need the
+    # references: the second waits for the first to finish a run instead of training it twice.
+    with _run_lock(run_dir):
+        check_run_config(run_dir, cfg)
+        if (run_dir / "results.json").is_file():
+            print(f"bench: {run_dir} finished by another bench; skipped")
+            return read_run_result(run_dir)
+        method = METHODS[cfg.method.name]
+        if hasattr(method, "run"):
+            method.run(cfg, run_dir)
+        else:
+            fit(cfg, run_dir, method, quiet=quiet)
     return read_run_result(run_dir)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """An exclusive lock on run_dir/.bench.lock (released by the OS if the process dies); waits if held."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".bench.lock", "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock; benches sharing a folder must not run at once there
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"bench: {run_dir} is being trained by another bench; waiting for it", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def eval_on_split(run_dir: Path, split: str) -> dict:

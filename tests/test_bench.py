@@ -293,3 +293,25 @@ def test_bench_variant_shares_the_references(tiny_bench, tmp_path, capsys):
     cfg = yaml.safe_load((copy / "runs" / "fixmatch+tau=0.5" / "seed0" / "config.yaml").read_text())
     assert cfg["method"]["name"] == "fixmatch" and cfg["method"]["tau"] == 0.5
     assert "| fixmatch:tau=0.5 |" in (copy / "results.md").read_text()
+
+
+def test_run_lock_makes_a_second_bench_wait(tmp_path):
+    """While one bench trains a run, another one sharing the folder blocks on the lock instead of training it too."""
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "runs" / "supervised" / "seed0"
+    code = (
+        "import sys, time; from pathlib import Path; from semiseg.bench import _run_lock\n"
+        "with _run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(float(sys.argv[2]))\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir), "1.5"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    t = time.perf_counter()
+    with bench._run_lock(run_dir):
+        waited = time.perf_counter() - t
+    holder.wait(timeout=30)
+    assert waited > 0.5  # it waited for the holder, which kept the lock 1.5 s
+    with bench._run_lock(run_dir):  # released: taken at once
+        pass
