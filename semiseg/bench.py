@@ -169,9 +169,42 @@ def format_markdown(results: dict) -> str:
     rows = table_rows(results)
     out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(TABLE_HEADER) - 1)) + "|"]
     out += ["| " + " | ".join(row) + " |" for row in rows]
+    out += pseudo_label_lines(results)
     out += ["", "Protocol:", ""] + [f"- {line}" for line in protocol_lines(results)]
     out += ["", f"Command: `{results['protocol']['command']}`"]
     return "\n".join(out) + "\n"
+
+
+def _pl_miou(diag: dict | None, key: str) -> str:
+    miou = ((diag or {}).get(key) or {}).get("miou")
+    return "-" if miou is None else f"{miou:.2f}"
+
+
+def pseudo_label_lines(results: dict) -> list[str]:
+    """A table of pseudo-label quality (self-training runs: mIoU against the unlabeled images' ground truth)."""
+    rows = []
+    for name in results["methods"]:
+        for seed, run in sorted(results["runs"].get(name, {}).items(), key=lambda kv: int(kv[0])):
+            diag = run.get("pseudo_labels")
+            if not diag:
+                continue
+            teacher = diag.get("teacher_on_selection")
+            cells = [_pl_miou(teacher, "reliable"), _pl_miou(teacher, "unreliable")]
+            cells += [_pl_miou(diag, "reliable"), _pl_miou(diag, "unreliable"), _pl_miou(diag, "all")]
+            rows.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "Pseudo-labels of the unlabeled images against their ground truth, mIoU % (a diagnostic, never used to "
+        "train). ST++/BST rank the images by stability: the teacher's labels of the reliable (stable) half vs the "
+        "unreliable half test ST++'s premise; training used the teacher's labels of the reliable half and the "
+        "first student's re-labels of the unreliable half; ST labels all images once with the teacher:",
+        "",
+        "| method | seed | teacher, reliable | teacher, unreliable | used, reliable | used, unreliable | used, all |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def summarize(runs: dict[str, dict[str, dict]], order: Sequence[str]) -> dict[str, dict]:
@@ -431,6 +464,8 @@ def run_record(name: str, seed: int, run_dir: Path, result: dict, evaluated: dic
         "peak_memory_mb": result.get("peak_memory_mb", math.nan),
         "steps": result.get("steps"),
     }
+    if result.get("diagnostics"):
+        record["pseudo_labels"] = result["diagnostics"]
     if evaluated is not None:
         record["selection"] = {"split": val_split, "miou_best": record["miou_best"], "miou_last": record["miou_last"]}
         record["miou_best"], record["iou_best"] = evaluated["best"]["miou"], evaluated["best"]["iou"]

@@ -289,6 +289,20 @@ def class_table_html(results: dict) -> str:
     return "".join(out) + "</table>"
 
 
+def pseudo_label_html(results: dict) -> str:
+    """The pseudo-label quality table of self-training runs (results.md's), or nothing when no run has one."""
+    from semiseg.bench import pseudo_label_lines
+
+    lines = pseudo_label_lines(results)
+    if not lines:
+        return ""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[3:] if not line.startswith("|---")]
+    out = [f"<h2>Pseudo-labels</h2><p>{html.escape(lines[1])}</p><table>"]
+    out.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>")
+    out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:]]
+    return "".join(out) + "</table>"
+
+
 def write_report(bench_dir: str | Path, n_images: int = 4, data_root: str | None = None) -> Path:
     """Write bench_dir/report.html from results.json, the runs' metrics.jsonl and best exports; its path."""
     from semiseg.engine.checkpoint import atomic_write_text
@@ -319,6 +333,7 @@ def write_report(bench_dir: str | Path, n_images: int = 4, data_root: str | None
 <h2>Per-class IoU</h2>
 {classes_plot}
 {class_table_html(results)}
+{pseudo_label_html(results)}
 <h2>Predictions on {html.escape(p["eval_split"])}</h2>
 {gallery_html(results, bench_dir, n_images, data_root)}
 </body></html>

@@ -125,6 +125,25 @@ def test_summary_and_markdown_table_on_fixed_numbers():
     assert "evaluation on val (101 images, whole)" in text
 
 
+def test_pseudo_label_table_of_self_training_runs():
+    runs = {"supervised": {"0": _record(40.0, 39.0, 60, 10.0)}, "stpp": {"0": _record(45.0, 44.0, 125, 20.0)}}
+    teacher = {"reliable": {"miou": 60.0}, "unreliable": {"miou": 41.0}}
+    runs["stpp"]["0"]["pseudo_labels"] = {
+        "reliable": {"miou": 61.234},
+        "unreliable": {"miou": 48.5},
+        "all": None,
+        "teacher_on_selection": teacher,
+    }
+    order = ["supervised", "stpp"]
+    text = format_markdown({"protocol": _protocol(), "methods": order, "runs": runs, "summary": summarize(runs, order)})
+    assert "| stpp | 0 | 60.00 | 41.00 | 61.23 | 48.50 | - |" in text.splitlines()
+    assert "| supervised | 0 |" not in text  # only runs that pseudo-label get a row
+    del runs["stpp"]["0"]["pseudo_labels"]
+    assert "Pseudo-labels" not in format_markdown(
+        {"protocol": _protocol(), "methods": order, "runs": runs, "summary": summarize(runs, order)}
+    )
+
+
 def test_method_section_merge_order(tmp_path):
     method_file = tmp_path / "unimatch.yaml"
     method_file.write_text("method:\n  tau: 0.8\n  w_fp: 0.5\n")
@@ -189,12 +208,21 @@ def test_bench_end_to_end_on_another_split(tiny_bench):
     p = results["protocol"]
     assert (p["labeled_count"], p["unlabeled_count"], p["train_count"]) == (2, 8, 10)
     assert (p["eval_split"], p["val_split"], p["eval_images"], p["resolution"]) == ("test", "val", 3, [32, 24])
-    assert p["iters"] == 4 and p["full_iters"] == 6 and p["preset"].endswith("configs/camvid/bench.yaml") and p["eval_mode"] == "whole"
+    assert (
+        p["iters"] == 4
+        and p["full_iters"] == 6
+        and p["preset"].endswith("configs/camvid/bench.yaml")
+        and p["eval_mode"] == "whole"
+    )
     assert "--eval-split test" in p["command"] and p["versions"]["torch"]
     assert p["config"]["data"]["crop"] == 24 and p["method_configs"]["fixmatch"]["tau"] == 0.95
     for name in results["methods"]:
         run = results["runs"][name]["0"]
-        assert run["steps"] == (6 if name == "full" else 4) and 0 <= run["miou_best"] <= 100 and 0 <= run["miou_last"] <= 100
+        assert (
+            run["steps"] == (6 if name == "full" else 4)
+            and 0 <= run["miou_best"] <= 100
+            and 0 <= run["miou_last"] <= 100
+        )
         assert run["selection"]["split"] == "val" and run["train_seconds"] > 0 and run["images_per_second"] > 0
         assert set(run["iou_best"]) == set(p["classes"])
         evaluated = json.loads((out / "runs" / name / "seed0" / "eval_test.json").read_text())
@@ -262,7 +290,10 @@ def test_bench_usage_errors(tmp_path, capsys):
 def test_parse_method_variants():
     assert bench.parse_method("dssn") == ("dssn", [])
     assert bench.parse_method("dssn:align=none") == ("dssn", ["method.align=none"])
-    assert bench.parse_method("ctt:contrast=false:w_high=0.2") == ("ctt", ["method.contrast=false", "method.w_high=0.2"])
+    assert bench.parse_method("ctt:contrast=false:w_high=0.2") == (
+        "ctt",
+        ["method.contrast=false", "method.w_high=0.2"],
+    )
     assert bench.run_folder_name("dssn:align=none") == "dssn+align=none"
     assert bench.parse_method("unimatch:train.mix_partner=stream") == ("unimatch", ["train.mix_partner=stream"])
     with pytest.raises(ConfigError, match="the data is the bench's"):
