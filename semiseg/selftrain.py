@@ -241,7 +241,8 @@ def images_only(dataset: SegDataset) -> SegDataset:
 
 def image_tensor(sample: Sample, device: torch.device) -> torch.Tensor:
     """A sample's image as a normalised float (1, 3, H, W) on `device`."""
-    return normalize(torch.from_numpy(np.ascontiguousarray(sample.image)).to(device).permute(2, 0, 1)[None])
+    # a copy: dataset images may be read-only views (torch warns on non-writable arrays)
+    return normalize(torch.from_numpy(np.array(sample.image)).to(device).permute(2, 0, 1)[None])
 
 
 def snapshot_predictions(
