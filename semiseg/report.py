@@ -35,6 +35,7 @@ code { background: #f3f3f3; padding: 1px 4px; }
 .note { color: #a33; }
 img.plot { max-width: 100%; }
 table.gallery td, table.gallery th { text-align: center; vertical-align: top; font-size: 12px; padding: 4px; }
+table.gallery th { max-width: var(--cell); overflow-wrap: anywhere; }
 table.gallery img { width: var(--cell); display: block; margin: 0 auto 2px; image-rendering: pixelated; }
 .swatch { display: inline-block; width: 14px; height: 14px; vertical-align: middle; margin: 0 4px 0 10px;
           border: 1px solid #999; }
@@ -105,11 +106,11 @@ CURVE_PANELS = (
 def plot_curves(plt, results: dict, bench_dir: Path) -> bytes:
     """PNG: losses and val mIoU vs step, one colour per method (first seed solid, other seeds faint)."""
     fig, axes = plt.subplots(1, len(CURVE_PANELS) + 1, figsize=(16, 4.2))
-    colors = plt.get_cmap("tab10")
+    colors = _colors(plt, len(results["methods"]))
     for i, name in enumerate(results["methods"]):
         for j, seed in enumerate(results["protocol"]["seeds"]):
             curves = read_metrics(_run_dir(bench_dir, name, seed))
-            style = {"color": colors(i % 10), "alpha": 1.0 if j == 0 else 0.35, "linewidth": 1.4 if j == 0 else 0.8}
+            style = {"color": colors(i), "alpha": 1.0 if j == 0 else 0.35, "linewidth": 1.4 if j == 0 else 0.8}
             for ax, (key, _) in zip(axes, CURVE_PANELS):
                 steps = sorted(curves.get(key, {}))
                 if steps:
@@ -130,9 +131,20 @@ def plot_curves(plt, results: dict, bench_dir: Path) -> bytes:
     axes[-1].set(xlabel="step", ylabel="mIoU %", title=f"{results['protocol']['val_split']} mIoU during training")
     for ax in axes:
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+    # Legends below the panels, never over the curves: the loss panels share one (methods), the mIoU panel has its
+    # own (one line per evaluated net).
+    for ax in (axes[0], axes[-1]):
+        entries = len(ax.get_legend_handles_labels()[1])
+        if entries:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2 if entries > 4 else 1)
     return _figure_png(plt, fig)
+
+
+def _colors(plt, n: int):
+    """One distinct colour per method index: tab10 up to 10 methods, tab20 up to 20, then it repeats."""
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    size = 10 if n <= 10 else 20
+    return lambda i: cmap(i % size)
 
 
 def plot_class_iou(plt, results: dict) -> bytes:
@@ -141,17 +153,17 @@ def plot_class_iou(plt, results: dict) -> bytes:
     methods = results["methods"]
     fig, ax = plt.subplots(figsize=(13, 4.2))
     width = 0.8 / max(len(methods), 1)
-    colors = plt.get_cmap("tab10")
+    colors = _colors(plt, len(methods))
     x = np.arange(len(classes))
     for i, name in enumerate(methods):
         iou = results["summary"].get(name, {}).get("iou_best", {})
         values = [math.nan if iou.get(c) is None else iou[c] for c in classes]
-        ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=name, color=colors(i % 10))
+        ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=name, color=colors(i))
     ax.set_xticks(x, classes, rotation=30, ha="right")
     ax.set(ylabel="IoU %", title=f"per-class IoU on {results['protocol']['eval_split']} (best checkpoint)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(len(methods), 6))
+    ax.legend(fontsize=8, ncol=min(len(methods), 4), loc="upper center", bbox_to_anchor=(0.5, -0.22))
     return _figure_png(plt, fig)
 
 
@@ -182,6 +194,10 @@ def predict_mask(model: torch.nn.Module, image: np.ndarray, cfg, info) -> np.nda
         flip=cfg.eval.flip,
     )
     return scores[0].argmax(0).to(torch.uint8).numpy()
+
+
+GALLERY_METHODS = 6
+"""predictions per gallery table; more methods continue in another table"""
 
 
 def gallery_html(results: dict, bench_dir: Path, n_images: int, data_root: str | None) -> str:
@@ -219,26 +235,35 @@ def gallery_html(results: dict, bench_dir: Path, n_images: int, data_root: str |
         f'<span class="swatch" style="background: rgb{tuple(c)}"></span>{html.escape(name)}'
         for name, c in [*zip(protocol["classes"], palette), ("void (ignored)", (0, 0, 0))]
     )
-    columns = ["image", "ground truth", *models]
-    # Every picture at one width that fits the page, whatever the number of methods.
-    width = max(96, min(240, 1100 // len(columns)))
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in columns)
-    rows = []
-    for index in gallery_indices(len(dataset), n_images):
-        sample = dataset[index]
-        valid = sample.mask != 255
-        cells = [
-            f"<td>{_img(png_bytes(sample.image), alt=sample.id)}{html.escape(sample.id)}</td>",
-            f"<td>{_img(png_bytes(colorize(sample.mask, palette)), alt='ground truth')}</td>",
-        ]
-        for name, (cfg, model, info) in models.items():
+    # Many methods: several tables of at most GALLERY_METHODS predictions, each repeating image and ground truth,
+    # so that every picture keeps a readable width and no table runs off the page.
+    names = list(models)
+    chunks = [names[i : i + GALLERY_METHODS] for i in range(0, len(names), GALLERY_METHODS)] or [[]]
+    width = max(96, min(240, 1100 // (2 + max(len(c) for c in chunks))))
+    samples = [dataset[index] for index in gallery_indices(len(dataset), n_images)]
+    cells_of: dict[str, list[str]] = {}
+    for name, (cfg, model, info) in models.items():
+        cells_of[name] = []
+        for sample in samples:
+            valid = sample.mask != 255
             pred = predict_mask(model, sample.image, cfg, info)
             acc = 100 * float((pred == sample.mask)[valid].mean()) if valid.any() else math.nan
-            cells.append(f"<td>{_img(png_bytes(colorize(pred, palette)), alt=name)}pixel acc {acc:.1f}%</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
+            cells_of[name].append(f"<td>{_img(png_bytes(colorize(pred, palette)), alt=name)}pixel acc {acc:.1f}%</td>")
+    fixed = [
+        (
+            f"<td>{_img(png_bytes(sample.image), alt=sample.id)}{html.escape(sample.id)}</td>"
+            f"<td>{_img(png_bytes(colorize(sample.mask, palette)), alt='ground truth')}</td>"
+        )
+        for sample in samples
+    ]
+    tables = []
+    for chunk in chunks:
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in ["image", "ground truth", *chunk])
+        rows = ["<tr>" + fixed[r] + "".join(cells_of[n][r] for n in chunk) + "</tr>" for r in range(len(samples))]
+        tables.append(f"<table class='gallery' style='--cell: {width}px'><tr>{head}</tr>{''.join(rows)}</table>")
     notes = "".join(f'<p class="note">{html.escape(p)}</p>' for p in problems)
     return (
-        f"<p>{legend}</p>{notes}<table class='gallery' style='--cell: {width}px'><tr>{head}</tr>{''.join(rows)}</table>"
+        f"<p>{legend}</p>{notes}{''.join(tables)}"
         f"<p>best checkpoints of seed {seed}; void pixels are black in the ground truth and excluded from pixel acc</p>"
     )
 

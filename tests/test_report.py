@@ -60,6 +60,16 @@ def test_report_without_matplotlib_keeps_tables_and_gallery(bench_dir, monkeypat
     assert "fixmatch: no " in page
 
 
+def test_gallery_splits_many_methods_into_tables(bench_dir, monkeypatch):
+    """More methods than GALLERY_METHODS: several tables, each repeating image and ground truth, none left out."""
+    monkeypatch.setattr(report, "GALLERY_METHODS", 2)
+    page = report.write_report(bench_dir, n_images=1).read_text()
+    tables = re.findall(r"<table class='gallery'.*?</table>", page)
+    heads = [re.findall(r"<th>([^<]*)</th>", t) for t in tables]
+    assert heads == [["image", "ground truth", "supervised", "fixmatch"], ["image", "ground truth", "full"]]
+    assert len(_images(page)) == 2 + (2 + 2) + (2 + 1)
+
+
 def test_gallery_ground_truth_matches_the_fixture(bench_dir):
     page = report.write_report(bench_dir, n_images=1).read_text()
     truth = np.asarray(_images(page)[3].convert("RGB"))
