@@ -231,19 +231,6 @@ def summarize(runs: dict[str, dict[str, dict]], order: Sequence[str]) -> dict[st
     return summary
 
 
-def json_safe(v: Any) -> Any:
-    """NaN -> None (JSON has no NaN), tuples -> lists, paths -> str, recursively."""
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if isinstance(v, dict):
-        return {str(k): json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [json_safe(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    return v
-
-
 def load_export(path: str | Path):
     """(cfg, model on CPU, DatasetInfo) rebuilt from a best/last.safetensors export and its embedded config."""
     from semiseg.engine.checkpoint import load_export as load
@@ -431,7 +418,7 @@ def _run_lock(run_dir: Path):
 
 def eval_on_split(run_dir: Path, split: str) -> dict:
     """{'best': metrics, 'last': metrics} of the run's two exports on `split`, cached in run_dir/eval_<split>.json."""
-    from semiseg.engine.checkpoint import atomic_write_json
+    from semiseg.engine.checkpoint import atomic_write_json, json_safe
 
     cache = run_dir / f"eval_{split}.json"
     exports = [run_dir / "best.safetensors", run_dir / "last.safetensors"]
@@ -508,7 +495,7 @@ def run_bench(
     """Train every method and both references for every seed on one protocol; write results.json/.md (+ report)."""
     from semiseg.data.datasets import build_dataset, dataset_info
     from semiseg.data.splits import is_count_or_fraction, make_split
-    from semiseg.engine.checkpoint import atomic_write_json, atomic_write_text
+    from semiseg.engine.checkpoint import atomic_write_json, atomic_write_text, json_safe
     from semiseg.engine.evaluate import describe_mode
     from semiseg.engine.log import versions
     from semiseg.engine.loop import total_iters

@@ -8,6 +8,7 @@ only tensors and plain containers, never pickled code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import tempfile
@@ -47,6 +48,19 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
 
     atomic_write_bytes(path, write)
+
+
+def json_safe(v: Any) -> Any:
+    """NaN -> None (JSON has no NaN), tuples -> lists, paths -> str, recursively."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -8,9 +8,7 @@ Under torchrun every rank evaluates its own shard (`dist.shard`: no image padded
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from semiseg.data.augment import normalize
 from semiseg.data.info import IGNORE, DatasetInfo
 from semiseg.engine import dist
+from semiseg.engine.checkpoint import atomic_write_json, json_safe
 from semiseg.errors import DataError
 
 EVAL_MODES = ("whole", "sliding", "multiscale", "center_crop")
@@ -367,19 +366,6 @@ def evaluate(
     return metrics
 
 
-def _json_safe(v: Any) -> Any:
-    """NaN -> None (JSON has no NaN), tuples -> lists, paths -> str, recursively."""
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    return v
-
-
 def write_results(
     path: str | Path,
     metrics: dict[str, Any],
@@ -396,7 +382,6 @@ def write_results(
     was evaluated (student, teacher, ema), because papers differ and readers need to know.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "split": split,
         "mode": mode,
@@ -406,13 +391,7 @@ def write_results(
         "best": best,
         "last": last,
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(record), f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, json_safe(record))
     return path
 
 
