@@ -15,6 +15,7 @@ import torch
 
 from semiseg.config import MethodConfig
 from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, normalize, partner_views, strong_view
+from semiseg.engine.evaluate import evaluating
 from semiseg.engine.loop import StepOut
 from semiseg.losses import masked_ce, supervised_loss
 from semiseg.models import build_model
@@ -56,10 +57,8 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     )
 
     # The partner's pseudo-label comes from an eval-mode (running BN statistics), no-grad pass, as in the reference.
-    with torch.no_grad():
-        model.eval()
+    with evaluating(model):
         conf_p, label_p = pseudo_label(model(normalize(partner_w)))
-        model.train()
 
     logits = model(normalize(torch.cat([l.image, u.image])))
     logits_x, logits_w = logits[:n_l], logits[n_l:]

@@ -41,6 +41,7 @@ from semiseg.data.info import IGNORE
 from semiseg.data.weak import background_index, tag_matrix, tag_proxy
 from semiseg.engine.checkpoint import unwrap
 from semiseg.engine.ema import ema_update, mean_teacher_keep
+from semiseg.engine.evaluate import evaluating
 from semiseg.engine.loop import StepOut
 from semiseg.losses import ce, supervised_loss
 from semiseg.models import build_backbone, load_backbone_weights, upsample
@@ -209,11 +210,8 @@ def teacher_logits(nets, image: Tensor, cfg: Config) -> Tensor:
     if cfg.teacher == "ema":
         teacher = nets["teacher"].eval()
         return teacher(normalize(image))
-    model = nets["model"]
-    model.eval()
-    logits = model(normalize(image))
-    model.train()
-    return logits
+    with evaluating(nets["model"]):
+        return nets["model"](normalize(image))
 
 
 def proxy(nets, image: Tensor, ids: list[str], mask: Tensor | None, cfg: Config, ctx) -> tuple[Tensor, Tensor]:

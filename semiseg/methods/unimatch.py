@@ -17,6 +17,7 @@ import torch
 
 from semiseg.config import MethodConfig
 from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, normalize, partner_views, strong_view
+from semiseg.engine.evaluate import evaluating
 from semiseg.engine.loop import StepOut
 from semiseg.losses import masked_ce, supervised_loss
 from semiseg.models import build_model
@@ -64,10 +65,8 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     )
 
     # The partner's pseudo-label comes from an eval-mode (running BN statistics), no-grad pass, as in the reference.
-    with torch.no_grad():
-        model.eval()
+    with evaluating(model):
         conf_p, label_p = pseudo_label(model(normalize(partner_w)))
-        model.train()
 
     logits, (logits_fp,) = model.forward_fp(normalize(torch.cat([l.image, u.image])), 1)
     logits_x, logits_w, logits_w_fp = logits[:n_l], logits[n_l:], logits_fp[n_l:]
