@@ -180,8 +180,19 @@ def _pl_miou(diag: dict | None, key: str) -> str:
     return "-" if miou is None else f"{miou:.2f}"
 
 
-def pseudo_label_lines(results: dict) -> list[str]:
-    """A table of pseudo-label quality (self-training runs: mIoU against the unlabeled images' ground truth)."""
+PSEUDO_LABEL_CAPTION = (
+    "Pseudo-labels of the unlabeled images against their ground truth, mIoU % (a diagnostic, never used to "
+    "train). ST++/BST rank the images by stability: the teacher's labels of the reliable (stable) half vs the "
+    "unreliable half test ST++'s premise; training used the teacher's labels of the reliable half and the "
+    "first student's re-labels of the unreliable half; ST labels all images once with the teacher:"
+)
+PSEUDO_LABEL_HEADER = (
+    "method", "seed", "teacher, reliable", "teacher, unreliable", "used, reliable", "used, unreliable", "used, all"
+)  # fmt: skip
+
+
+def pseudo_label_rows(results: dict) -> list[list[str]]:
+    """Rows of PSEUDO_LABEL_HEADER: one per self-training run with pseudo-label diagnostics, in method order."""
     rows = []
     for name in results["methods"]:
         for seed, run in sorted(results["runs"].get(name, {}).items(), key=lambda kv: int(kv[0])):
@@ -191,19 +202,22 @@ def pseudo_label_lines(results: dict) -> list[str]:
             teacher = diag.get("teacher_on_selection")
             cells = [_pl_miou(teacher, "reliable"), _pl_miou(teacher, "unreliable")]
             cells += [_pl_miou(diag, "reliable"), _pl_miou(diag, "unreliable"), _pl_miou(diag, "all")]
-            rows.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+            rows.append([name, str(seed), *cells])
+    return rows
+
+
+def pseudo_label_lines(results: dict) -> list[str]:
+    """The pseudo-label table in markdown (results.md), or nothing when no run pseudo-labels."""
+    rows = pseudo_label_rows(results)
     if not rows:
         return []
     return [
         "",
-        "Pseudo-labels of the unlabeled images against their ground truth, mIoU % (a diagnostic, never used to "
-        "train). ST++/BST rank the images by stability: the teacher's labels of the reliable (stable) half vs the "
-        "unreliable half test ST++'s premise; training used the teacher's labels of the reliable half and the "
-        "first student's re-labels of the unreliable half; ST labels all images once with the teacher:",
+        PSEUDO_LABEL_CAPTION,
         "",
-        "| method | seed | teacher, reliable | teacher, unreliable | used, reliable | used, unreliable | used, all |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        *rows,
+        "| " + " | ".join(PSEUDO_LABEL_HEADER) + " |",
+        "|---|" + "---:|" * (len(PSEUDO_LABEL_HEADER) - 1),
+        *("| " + " | ".join(row) + " |" for row in rows),
     ]
 
 

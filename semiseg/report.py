@@ -316,15 +316,14 @@ def class_table_html(results: dict) -> str:
 
 def pseudo_label_html(results: dict) -> str:
     """The pseudo-label quality table of self-training runs (results.md's), or nothing when no run has one."""
-    from semiseg.bench import pseudo_label_lines
+    from semiseg.bench import PSEUDO_LABEL_CAPTION, PSEUDO_LABEL_HEADER, pseudo_label_rows
 
-    lines = pseudo_label_lines(results)
-    if not lines:
+    rows = pseudo_label_rows(results)
+    if not rows:
         return ""
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[3:] if not line.startswith("|---")]
-    out = [f"<h2>Pseudo-labels</h2><p>{html.escape(lines[1])}</p><table>"]
-    out.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>")
-    out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:]]
+    out = [f"<h2>Pseudo-labels</h2><p>{html.escape(PSEUDO_LABEL_CAPTION)}</p><table>"]
+    out.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in PSEUDO_LABEL_HEADER) + "</tr>")
+    out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
     return "".join(out) + "</table>"
 
 

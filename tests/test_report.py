@@ -125,3 +125,11 @@ def test_report_renders_in_headless_chromium(bench_dir, tmp_path):
     assert (shot.min(-1) < 200).mean() > 0.05  # a good share of the page is not white
     # the plots made it onto the page: pixels of matplotlib's first colour (tab10 blue, the supervised lines and bars)
     assert (np.abs(shot - (31, 119, 180)).max(-1) <= 3).sum() > 200
+
+
+def test_pseudo_label_table_in_html_matches_markdown_rows():
+    runs = {"stpp": {"0": {"pseudo_labels": {"reliable": {"miou": 61.2}, "unreliable": {"miou": 48.5}, "all": None}}}}
+    page = report.pseudo_label_html({"methods": ["stpp"], "runs": runs})
+    assert "<th>teacher, reliable</th>" in page
+    assert "<tr><td>stpp</td><td>0</td><td>-</td><td>-</td><td>61.20</td><td>48.50</td><td>-</td></tr>" in page
+    assert report.pseudo_label_html({"methods": ["stpp"], "runs": {"stpp": {"0": {}}}}) == ""
