@@ -4,37 +4,21 @@ import math
 
 import pytest
 import torch
+from method_helpers import ctx_at, method_nets, random_batch
 
 from semiseg import config as C
-from semiseg.data.batch import Batch, LabeledBatch, UnlabeledBatch
 from semiseg.data.datasets import dataset_info
-from semiseg.engine.loop import Context
 from semiseg.losses import standardized_mse
 from semiseg.methods import dssn
 from semiseg.ops import class_aware_selection
 
 
 def make_batch(num_classes, n=2, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    img = lambda: torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)  # noqa: E731
-    mask = torch.randint(0, num_classes, (n, size, size), generator=g)
-    pad = torch.zeros(n, size, size, dtype=torch.bool)
-    pad[:, -4:] = True
-    return Batch(LabeledBatch(img(), mask), UnlabeledBatch(img(), pad, mask=mask.clone()))
+    return random_batch(num_classes, n, size, seed)
 
 
 def setup(tiny, *sets):
-    cfg = C.load(None, tiny + ["method.name=dssn", *sets])
-    info = dataset_info(cfg.data)
-    torch.manual_seed(0)
-    nets = dssn.build(cfg, info)
-    for net in nets.values():
-        net.train()
-    return cfg, info, nets
-
-
-def ctx_at(cfg, info, step, seed=0):
-    return Context(step, 100, torch.Generator().manual_seed(seed), info, torch.device("cpu"), cfg)
+    return method_nets(dssn, tiny, *sets)
 
 
 def prob_map(rows):
