@@ -359,7 +359,7 @@ def check_run_config(run_dir: Path, cfg: Config) -> None:
     for key in sorted(set(old) | set(new)):
         if key not in UNCOMPARED_KEYS and old.get(key) != new.get(key):
             raise ConfigError(
-                f"{path}: this run was trained with {key}={old.get(key)!r}, the bench now asks {new.get(key)!r}; "
+                f"{path}: this run was trained with {key}={old.get(key)!r}, this command now asks {new.get(key)!r}; "
                 "use another --out (or delete the run folder to retrain it)"
             )
 

@@ -161,7 +161,8 @@ def cmd_data_get(args) -> int:
 def cmd_demo(args) -> int:
     from semiseg.demo import run_demo
 
-    return run_demo(Path(args.out), quick=args.quick)
+    out = args.out or ("runs/demo" if args.seed == 0 else f"runs/demo_seed{args.seed}")
+    return run_demo(Path(out), quick=args.quick, seed=args.seed)
 
 
 def cmd_weak_derive(args) -> int:
@@ -185,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train supervised vs semi-supervised on the embedded synthetic dataset (CPU)")
-    p.add_argument("--out", default="runs/demo", help="run folder")
+    p.add_argument("--out", default=None, help="run folder (default runs/demo, or runs/demo_seedN with --seed N)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of both methods (the split stays fixed)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.set_defaults(func=cmd_demo)
 
