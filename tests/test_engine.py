@@ -84,6 +84,7 @@ def test_atomic_checkpoint_survives_crash_mid_write(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the crafted file is protocol 4 on purpose
 def test_load_refuses_pickled_code(tmp_path):
     import pickle
 
