@@ -350,13 +350,19 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_run_config(run_dir: Path, cfg: Config) -> None:
-    """Refuse a run folder whose config.yaml differs from `cfg` in anything but UNCOMPARED_KEYS."""
+    """Refuse a run folder whose config.yaml differs from `cfg` in anything but UNCOMPARED_KEYS.
+
+    A key the old config.yaml lacks is accepted at its default value (a field added since that run was trained).
+    """
     path = run_dir / "config.yaml"
     if not path.is_file():
         return
     old = _flat(yaml.safe_load(path.read_text()) or {})
     new = _flat(config_mod.to_dict(cfg))
+    defaults = _flat(config_mod.to_dict(config_mod.load(None, [f"method.name={cfg.method.name}"])))
     for key in sorted(set(old) | set(new)):
+        if key not in old and key in defaults and new[key] == defaults[key]:
+            continue  # a field added after that run, at its default: new fields default to the old behaviour
         if key not in UNCOMPARED_KEYS and old.get(key) != new.get(key):
             raise ConfigError(
                 f"{path}: this run was trained with {key}={old.get(key)!r}, this command now asks {new.get(key)!r}; "

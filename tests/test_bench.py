@@ -346,3 +346,14 @@ def test_run_lock_makes_a_second_bench_wait(tmp_path):
     assert waited > 0.5  # it waited for the holder, which kept the lock 1.5 s
     with bench._run_lock(run_dir):  # released: taken at once
         pass
+
+
+def test_check_run_config_accepts_a_field_added_since_at_its_default(tmp_path):
+    cfg = config_mod.load(None, ["method.name=unimatch"])
+    old = config_mod.to_dict(cfg)
+    del old["method"]["joint_forward"]  # the run was trained before this field existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    bench.check_run_config(tmp_path, cfg)
+    changed = config_mod.load(None, ["method.name=unimatch", "method.joint_forward=false"])
+    with pytest.raises(ConfigError, match="method.joint_forward=None, this command now asks False"):
+        bench.check_run_config(tmp_path, changed)

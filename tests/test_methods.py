@@ -24,11 +24,16 @@ def random_batch(info, n=2, size=32, seed=0, with_mix=False):
     return Batch(LabeledBatch(img(), mask, [f"l{i}" for i in range(n)]), u, u_mix)
 
 
-@pytest.mark.parametrize("name", SINGLE_STAGE)
+VARIANTS = [(name, []) for name in SINGLE_STAGE] + [
+    (name, ["method.joint_forward=false"]) for name in ("fixmatch", "unimatch")
+]
+
+
+@pytest.mark.parametrize(("name", "variant"), VARIANTS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 @pytest.mark.parametrize("mix_partner", ["roll", "stream"])
-def test_one_step_contract(name, mix_partner, tiny_overrides):
+def test_one_step_contract(name, variant, mix_partner, tiny_overrides):
     method = METHODS[name]
-    cfg = C.load(None, tiny_overrides + [f"method.name={name}", f"train.mix_partner={mix_partner}"])
+    cfg = C.load(None, tiny_overrides + [f"method.name={name}", f"train.mix_partner={mix_partner}", *variant])
     info = dataset_info(cfg.data)
     torch.manual_seed(0)
     nets = method.build(cfg, info)
@@ -55,3 +60,27 @@ def test_one_step_contract(name, mix_partner, tiny_overrides):
             assert not grads, f"{name}: untrained net {net_name} received gradients"
     for v in out.logs.values():
         assert not (isinstance(v, torch.Tensor) and v.requires_grad), "logs must be detached"
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "unimatch"])
+def test_joint_forward_false_normalises_labeled_crops_among_themselves(name, tiny_overrides):
+    # With two forwards the labeled loss is the supervised loss of the labeled batch alone; with one joint forward
+    # BatchNorm's batch statistics include the unlabeled crops, so it differs.
+    from semiseg.data.augment import normalize
+    from semiseg.losses import ce
+
+    method = METHODS[name]
+    batch = None
+    losses = {}
+    for joint in (True, False):
+        cfg = C.load(None, tiny_overrides + [f"method.name={name}", f"method.joint_forward={joint}"])
+        info = dataset_info(cfg.data)
+        torch.manual_seed(0)
+        nets = {k: v.train() for k, v in method.build(cfg, info).items()}
+        batch = batch or random_batch(info)
+        ctx = Context(0, 10, torch.Generator().manual_seed(0), info, torch.device("cpu"), cfg)
+        losses[joint] = float(method.train_step(nets, batch, cfg.method, ctx).logs["train/loss_x"])
+        with torch.no_grad():
+            alone = ce(nets["model"](normalize(batch.l.image)), batch.l.mask)
+    assert losses[False] == pytest.approx(float(alone), rel=1e-5)
+    assert losses[True] != pytest.approx(float(alone), rel=1e-3)

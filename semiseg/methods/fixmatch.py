@@ -34,6 +34,9 @@ class Config(MethodConfig):
     """weight of the strong-view loss"""
     strong: StrongAugConfig = field(default_factory=StrongAugConfig)
     """strong view: colour jitter, grayscale, blur, CutMix probability and box ranges"""
+    joint_forward: bool = True
+    """labeled and weak unlabeled crops in one forward, one BatchNorm batch (the reference); false = two forwards,
+    so the labeled crops are normalised among themselves as in supervised training (README, CamVid)"""
 
 
 TRAINED = ("model",)
@@ -60,8 +63,11 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     with evaluating(model):
         conf_p, label_p = pseudo_label(model(normalize(partner_w)))
 
-    logits = model(normalize(torch.cat([l.image, u.image])))
-    logits_x, logits_w = logits[:n_l], logits[n_l:]
+    if cfg.joint_forward:
+        logits = model(normalize(torch.cat([l.image, u.image])))
+        logits_x, logits_w = logits[:n_l], logits[n_l:]
+    else:
+        logits_x, logits_w = model(normalize(l.image)), model(normalize(u.image))
     logits_s = model(normalize(mix(s, partner_s, box)))
 
     conf, label = pseudo_label(logits_w)

@@ -40,6 +40,9 @@ class Config(MethodConfig):
     """weight of the feature-perturbation loss"""
     strong: StrongAugConfig = field(default_factory=StrongAugConfig)
     """strong views: colour jitter, grayscale, blur, CutMix probability and box ranges"""
+    joint_forward: bool = True
+    """labeled and weak unlabeled crops in one forward, one BatchNorm batch (the reference); false = two forwards,
+    so the labeled crops are normalised among themselves as in supervised training (README, CamVid)"""
 
 
 TRAINED = ("model",)
@@ -68,8 +71,12 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     with evaluating(model):
         conf_p, label_p = pseudo_label(model(normalize(partner_w)))
 
-    logits, (logits_fp,) = model.forward_fp(normalize(torch.cat([l.image, u.image])), 1)
-    logits_x, logits_w, logits_w_fp = logits[:n_l], logits[n_l:], logits_fp[n_l:]
+    if cfg.joint_forward:
+        logits, (logits_fp,) = model.forward_fp(normalize(torch.cat([l.image, u.image])), 1)
+        logits_x, logits_w, logits_w_fp = logits[:n_l], logits[n_l:], logits_fp[n_l:]
+    else:  # the labeled crops skip the feature-perturbed stream, whose labeled half the reference discards anyway
+        logits_x = model(normalize(l.image))
+        logits_w, (logits_w_fp,) = model.forward_fp(normalize(u.image), 1)
     strong = normalize(torch.cat([mix(s1, partner_s1, box1), mix(s2, partner_s2, box2)]))
     logits_s1, logits_s2 = model(strong).chunk(2)
 
