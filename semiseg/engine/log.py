@@ -30,8 +30,24 @@ def versions() -> dict:
         "numpy": numpy.__version__,
         "pillow": PIL.__version__,
         "cuda": torch.version.cuda or "none",
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name(),
     }
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the vector ISA torch's kernels use, e.g. 'Intel(R) Xeon(R) Processor (AVX512)'.
+
+    Float results of CPU training differ between ISAs in the last bits, and from-scratch runs amplify that, so
+    a bench's machine line names it.
+    """
+    name = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    return f"{name} ({capability})" if capability else name
 
 
 def format_duration(seconds: float) -> str:
