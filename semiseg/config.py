@@ -79,7 +79,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet101"
-    """resnet18 | resnet34 | resnet50 | resnet101 | xception65"""
+    """resnet18 | resnet34 | resnet50 | resnet101 | xception65 | mobilenet_v2"""
     stem: str = "deep"
     """ResNet stem: deep (v1c, three 3x3 convs; UniMatch/DSSN) | torchvision (7x7; ST++)"""
     width: int = 64
@@ -101,7 +101,17 @@ class ModelConfig:
     proj_dim: int = 0
     """projection head output size for contrastive methods; 0 = none"""
     pretrained: str = ""
-    """backbone weights: local path or URL (.pth/.pt/.safetensors; torchvision or deep-stem names)"""
+    """backbone weights: `imagenet` (the backbone's public ImageNet checkpoint, downloaded once into the cache),
+    a local path or a URL (.pth/.pt/.safetensors; torchvision or deep-stem names); empty = random init"""
+    input_mean: tuple[float, ...] = ()
+    """RGB mean the model subtracts from [0, 1] images; empty = the weights' own (safetensors metadata), else
+    the backbone's default (ImageNet's (0.485, 0.456, 0.406))"""
+    input_std: tuple[float, ...] = ()
+    """RGB std the model divides by; empty = the weights' own, else the backbone's default"""
+    width_mult: float = 1.0
+    """MobileNetV2 width multiplier (1.0 = the ImageNet checkpoints)"""
+    tf_padding: bool = False
+    """MobileNetV2: TF "SAME" padding of the stride-2 convs (weights converted from TensorFlow were trained so)"""
     sync_bn: bool = False
     """convert BatchNorm to SyncBatchNorm under distributed training"""
 
@@ -144,7 +154,8 @@ class TrainConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     amp: str = "auto"
-    """mixed precision on CUDA: auto (bf16 if supported, else fp16) | bf16 | fp16 | off"""
+    """mixed precision: auto (CUDA: bf16 if supported, else fp16; CPU: bf16 where native, AVX512-BF16 / AMX, else
+    off) | bf16 | fp16 (CUDA only) | off"""
     channels_last: bool = False
     """use channels_last memory format (faster convolutions on tensor cores)"""
     compile: bool = False
@@ -157,6 +168,12 @@ class TrainConfig:
     """CutMix partners: roll (the unlabeled batch rolled by one) | stream (a second unlabeled loader)"""
     deterministic: bool = False
     """request deterministic kernels (slower on GPU)"""
+
+    def __post_init__(self):
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+        if self.mix_partner not in ("roll", "stream"):
+            raise ValueError(f"mix_partner must be roll or stream, got {self.mix_partner!r}")
 
 
 @dataclass(frozen=True)
@@ -269,6 +286,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+        if value is False:  # YAML 1.1 reads a bare `off` (train.amp: off) as false
+            return "off"
         raise bad
     if origin is tuple:
         if isinstance(value, str):

@@ -43,9 +43,8 @@ def demo_config(name: str, quick: bool = False, seed: int = 0) -> config_mod.Con
 
 def gallery(runs: dict, cfg: config_mod.Config, out: Path, count: int = 4) -> Path:
     """A PNG grid: one row per val image (input | ground truth | each method's prediction)."""
-    from semiseg.data.augment import normalize
     from semiseg.data.datasets import build_dataset
-    from semiseg.engine.evaluate import predict_whole
+    from semiseg.engine.evaluate import predict_whole, to_unit
     from semiseg.predict import colorize, overlay
 
     val = build_dataset(cfg.data, cfg.data.val_split)
@@ -53,7 +52,7 @@ def gallery(runs: dict, cfg: config_mod.Config, out: Path, count: int = 4) -> Pa
     rows = []
     for i in range(min(count, len(val))):
         sample = val[i]
-        x = normalize(torch.from_numpy(sample.image).permute(2, 0, 1)[None])
+        x = to_unit(torch.from_numpy(sample.image).permute(2, 0, 1)[None])
         cells = [sample.image, colorize(sample.mask, info.palette)]
         for name in runs:
             pred = predict_whole(runs[name].nets[runs[name].best.get("net") or "model"], x).argmax(1)[0].numpy()

@@ -18,9 +18,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from semiseg.data.augment import normalize
 from semiseg.data.info import DatasetInfo
-from semiseg.engine.evaluate import predict
+from semiseg.engine.evaluate import predict, to_unit
 from semiseg.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -148,7 +147,7 @@ def predict_images(
             chosen = mode
             if mode == "auto":
                 chosen = "sliding" if info.eval_mode == "sliding" or max(h, w) > max_whole else "whole"
-            x = normalize(torch.from_numpy(image).to(device).permute(2, 0, 1)[None])
+            x = to_unit(torch.from_numpy(image).to(device).permute(2, 0, 1)[None])
             scores = predict(
                 model,
                 x,

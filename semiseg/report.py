@@ -178,11 +178,10 @@ def gallery_indices(n_items: int, n: int) -> list[int]:
 
 def predict_mask(model: torch.nn.Module, image: np.ndarray, cfg, info) -> np.ndarray:
     """uint8 (H, W) class indices of uint8 (H, W, 3) `image`, in the run's evaluation mode."""
-    from semiseg.data.augment import normalize
-    from semiseg.engine.evaluate import predict
+    from semiseg.engine.evaluate import predict, to_unit
 
     mode = cfg.eval.mode or info.eval_mode
-    x = normalize(torch.from_numpy(image.copy()).permute(2, 0, 1)[None])
+    x = to_unit(torch.from_numpy(image.copy()).permute(2, 0, 1)[None])
     scores = predict(
         model,
         x,

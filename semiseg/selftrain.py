@@ -36,13 +36,13 @@ from torch import nn
 
 from semiseg import config as config_mod
 from semiseg.config import Config, ConfigError, MethodConfig
-from semiseg.data.augment import StrongAugConfig, cutout, normalize, strong_view
+from semiseg.data.augment import StrongAugConfig, cutout, strong_view
 from semiseg.data.datasets import MaskDecoder, Sample, SegDataset, build_dataset, dataset_info, resolve_train_split
 from semiseg.data.info import DatasetInfo
 from semiseg.data.loader import Part
 from semiseg.data.splits import Item, format_items, write_text_atomic
 from semiseg.engine import checkpoint, dist
-from semiseg.engine.evaluate import confusion_matrix
+from semiseg.engine.evaluate import confusion_matrix, to_unit
 from semiseg.engine.log import RunLog, format_duration
 from semiseg.engine.loop import TrainData, amp_dtype, fit
 from semiseg.errors import DataError
@@ -240,9 +240,9 @@ def images_only(dataset: SegDataset) -> SegDataset:
 
 
 def image_tensor(sample: Sample, device: torch.device) -> torch.Tensor:
-    """A sample's image as a normalised float (1, 3, H, W) on `device`."""
+    """A sample's image as float in [0, 1] (1, 3, H, W) on `device`; the networks normalise it."""
     # a copy: dataset images may be read-only views (torch warns on non-writable arrays)
-    return normalize(torch.from_numpy(np.array(sample.image)).to(device).permute(2, 0, 1)[None])
+    return to_unit(torch.from_numpy(np.array(sample.image)).to(device).permute(2, 0, 1)[None])
 
 
 def snapshot_predictions(

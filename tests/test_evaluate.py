@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from semiseg.data.info import IGNORE, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
+from semiseg.data.info import IGNORE, DatasetInfo
 from semiseg.engine.evaluate import (
     confusion_matrix,
     dataset_confusion,
@@ -44,7 +44,7 @@ class Oracle(nn.Module):
 
     def forward(self, x):
         self.seen.append(tuple(x.shape))
-        red = (x[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
+        red = x[:, 0] * 255  # models take [0, 1] images and normalise them themselves
         k = (red / 40).round().long().clamp(0, self.num_classes - 1)
         return F.one_hot(k, self.num_classes).permute(0, 3, 1, 2).float()
 

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from semiseg.data.info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
+from semiseg.data.info import DatasetInfo
 from semiseg.errors import DataError
 from semiseg.predict import colorize, list_images, overlay, predict_images
 
@@ -21,7 +21,7 @@ class RedClass(nn.Module):
 
     def forward(self, x):
         self.seen.append(tuple(x.shape))
-        red = (x[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
+        red = x[:, 0] * 255  # models take [0, 1] images and normalise them themselves
         k = (red / 40).round().long().clamp(0, 2)
         return F.one_hot(k, 3).permute(0, 3, 1, 2).float()
 

@@ -13,6 +13,7 @@ as used by UniMatch and ST++ (METHODS.md 1.1(c), 1.2(c)), UniMatch's CutMix box,
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from semiseg.data.info import IGNORE, IMAGENET_MEAN, IMAGENET_STD
+from semiseg.data.info import IGNORE
 
 LUMA = (0.299, 0.587, 0.114)
 """ITU-R 601-2 luma weights, as PIL's convert('L')"""
@@ -71,19 +72,15 @@ class StrongAugConfig:
             raise ValueError(f"intensity_ops must be >= 0, got {self.intensity_ops}")
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 or float-in-[0, 1] images (..., 3, H, W) -> float, ImageNet-normalized."""
-    y = x.float().div_(255) if x.dtype == torch.uint8 else x
-    mean = torch.tensor(IMAGENET_MEAN, device=y.device, dtype=y.dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=y.device, dtype=y.dtype).view(3, 1, 1)
-    return (y - mean) / std
+def fp32(fn: Callable) -> Callable:
+    """Runs `fn(x, ...)` with autocast off on x's device: views are the same images in fp32 and bf16 training."""
 
+    @functools.wraps(fn)
+    def wrapped(x: torch.Tensor, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
 
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalized float images (..., 3, H, W) -> float in [0, 1] (up to rounding)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(3, 1, 1)
-    return x * std + mean
+    return wrapped
 
 
 def _work(x: torch.Tensor) -> torch.Tensor:
@@ -184,6 +181,7 @@ def adjust_sharpness(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Ten
     return _blend(x, smooth, factor)
 
 
+@fp32
 def blur(x: torch.Tensor, sigma: torch.Tensor | float, radius: int) -> torch.Tensor:
     """Gaussian blur with per-sample sigma (B,): separable depthwise conv, reflect padding, kernel 2 * radius + 1."""
     b, c, h, w = x.shape
@@ -275,6 +273,7 @@ def _gaussian_blur_(y, gen, sigma, p):
     _apply_(y, apply, lambda z, v: blur(z, v, radius), s)
 
 
+@fp32
 def color_jitter(
     x: torch.Tensor,
     gen: torch.Generator,
@@ -290,6 +289,7 @@ def color_jitter(
     return _back(y, x)
 
 
+@fp32
 def random_grayscale(x: torch.Tensor, gen: torch.Generator, p: float = 0.2) -> torch.Tensor:
     """Luma replicated to three channels, per sample with probability p."""
     y = _work(x)
@@ -297,6 +297,7 @@ def random_grayscale(x: torch.Tensor, gen: torch.Generator, p: float = 0.2) -> t
     return _back(y, x)
 
 
+@fp32
 def gaussian_blur(
     x: torch.Tensor, gen: torch.Generator, sigma: tuple[float, float] = (0.1, 2.0), p: float = 0.5
 ) -> torch.Tensor:
@@ -372,6 +373,7 @@ def _random_intensity_(y, gen, max_ops, random_num):
             _apply_(y, (k < num) & (ops[:, k] == j), _INTENSITY_KERNELS[name], params[name][:, k])
 
 
+@fp32
 def random_intensity(x: torch.Tensor, gen: torch.Generator, max_ops: int = 3, random_num: bool = True) -> torch.Tensor:
     """AugSeg random intensity: k ~ U{1..max_ops} ops per sample, drawn with replacement from INTENSITY_OPS."""
     y = _work(x)
@@ -379,6 +381,7 @@ def random_intensity(x: torch.Tensor, gen: torch.Generator, max_ops: int = 3, ra
     return _back(y, x)
 
 
+@fp32
 def strong_view(x: torch.Tensor, gen: torch.Generator, cfg: StrongAugConfig | None = None) -> torch.Tensor:
     """Colour jitter -> grayscale -> blur (UniMatch order), then the optional DSSN intensity ops; (B, 3, H, W)."""
     cfg = cfg or StrongAugConfig()

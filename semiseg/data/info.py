@@ -7,9 +7,6 @@ from dataclasses import dataclass
 IGNORE = 255
 """label value excluded from every loss and metric"""
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclass(frozen=True)
 class DatasetInfo:

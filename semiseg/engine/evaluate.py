@@ -20,10 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from semiseg.data.augment import normalize
 from semiseg.data.info import IGNORE, DatasetInfo
 from semiseg.engine import dist
-from semiseg.engine.checkpoint import atomic_write_json, json_safe
+from semiseg.engine.checkpoint import atomic_write_json, json_safe, unwrap
 from semiseg.errors import DataError
 
 EVAL_MODES = ("whole", "sliding", "multiscale", "center_crop")
@@ -98,6 +97,11 @@ def evaluating(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def to_unit(image: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> float in [0, 1]; the model normalises them itself."""
+    return image.float().div_(255) if image.dtype == torch.uint8 else image
+
+
 def _forward(model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
     """float32 logits (B, C, H, W) at x's size."""
     if channels_last:
@@ -141,14 +145,18 @@ def predict_sliding(
     """Probabilities (B, C, H, W): softmax of `window`-sized crops, summed over overlaps, divided by counts.
 
     Stride = floor(window * stride_ratio); the last window touches the border; an image smaller than the
-    window is zero-padded (the mean colour once normalised). Up to `window_batch` crops go through the model
-    at once.
+    window is padded with the network's input mean (zero once normalised). Up to `window_batch` crops go through
+    the model at once. x: float in [0, 1].
     """
     wh, ww = (window, window) if isinstance(window, int) else window
     if wh <= 0 or ww <= 0:
         raise ValueError(f"sliding window must be positive, got {window}")
     b, _, h, w = x.shape
-    x = F.pad(x, (0, max(ww - w, 0), 0, max(wh - h, 0)))
+    pad = (0, max(ww - w, 0), 0, max(wh - h, 0))
+    if any(pad):
+        norm = getattr(unwrap(model), "input_norm", None)
+        mean = norm.mean.to(x.device, x.dtype) if norm is not None else x.new_zeros(1, 3, 1, 1)
+        x = F.pad(x - mean, pad) + mean
     hp, wp = x.shape[-2:]
     boxes = [
         (top, left)
@@ -309,7 +317,7 @@ def dataset_confusion(
             if mode == "center_crop":
                 image = np.stack([_center_crop(a, window) for a in image])
                 mask = np.stack([_center_crop(a, window) for a in mask])
-            x = normalize(torch.from_numpy(image).to(device, non_blocking=True).permute(0, 3, 1, 2))
+            x = to_unit(torch.from_numpy(image).to(device, non_blocking=True).permute(0, 3, 1, 2))
             target = torch.from_numpy(mask).to(device, non_blocking=True)
             scores = predict(
                 model,

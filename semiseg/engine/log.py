@@ -34,6 +34,20 @@ def versions() -> dict:
     }
 
 
+def cpu_flags() -> set[str]:
+    """The processor's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def cpu_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 autocast is faster than fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def cpu_name() -> str:
     """The CPU's model name and the vector ISA torch's kernels use, e.g. 'Intel(R) Xeon(R) Processor (AVX512)'.
 
@@ -47,6 +61,7 @@ def cpu_name() -> str:
     except OSError:
         pass
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    capability += ", native bf16" if cpu_native_bf16() else ""
     return f"{name} ({capability})" if capability else name
 
 

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from semiseg import config as config_mod
-from semiseg.config import Config
+from semiseg.config import Config, ConfigError
 from semiseg.data.batch import Batch
 from semiseg.data.info import DatasetInfo
 from semiseg.data.loader import STREAM_LABELED, STREAM_MIX, STREAM_UNLABELED, CropSet, Part, Stream
 from semiseg.engine import checkpoint, dist
-from semiseg.engine.log import Meter, RunLog, format_duration, progress_line, versions
+from semiseg.engine.log import Meter, RunLog, cpu_native_bf16, format_duration, progress_line, versions
 from semiseg.engine.optim import build_optimizer, poly_lr, set_lr
 from semiseg.errors import TrainingError
 
@@ -89,10 +89,18 @@ def total_iters(cfg: Config, n_labeled: int, n_unlabeled: int, world: int) -> in
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 where supported, fp16 otherwise, on CUDA only; None = full precision."""
+    """The autocast dtype of train.amp on `device`; None = full precision.
+
+    auto: CUDA bf16 where supported, else fp16; CPU bf16 where the processor computes it natively (AVX512-BF16 or
+    AMX), else fp32 (emulated bf16 is slower than fp32). bf16 / fp16 force that dtype (fp16 on CUDA only).
+    """
     mode = cfg.train.amp
-    if device.type != "cuda" or mode == "off":
+    if mode == "off" or device.type not in ("cuda", "cpu"):
         return None
+    if device.type == "cpu":
+        if mode == "fp16":
+            raise ConfigError("train.amp=fp16: CPU autocast supports bf16 only; use bf16, auto or off")
+        return torch.bfloat16 if mode == "bf16" or (mode == "auto" and cpu_native_bf16()) else None
     if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
@@ -197,6 +205,8 @@ def fit(
             run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
 
+    precision = f"{dtype} autocast".replace("torch.", "") if dtype is not None else "fp32"
+    log.info(f"precision: {precision} (train.amp={cfg.train.amp}, {device.type})", False)
     if start > 0:
         log.info(f"resuming {run_dir} at step {start}/{iters}")
         log.truncate_metrics(start)

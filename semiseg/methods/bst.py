@@ -32,11 +32,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from semiseg.config import ModelConfig
-from semiseg.data.augment import normalize
+from semiseg.engine.checkpoint import unwrap
 from semiseg.engine.evaluate import predict_multiscale
 from semiseg.engine.loop import StepOut
 from semiseg.losses import feature_cosine, supervised_loss
-from semiseg.models import build_backbone, build_head, load_backbone_weights, upsample
+from semiseg.models import InputNorm, build_encoder, build_head, upsample
 from semiseg.models.deeplab import conv_bn_relu
 from semiseg.ops import drop_pixels, entropy_weights, fuse_branches, input_noise, noisy_argmax
 from semiseg.selftrain import Recipe, SelfTrainConfig, augment_pseudo, run_stages
@@ -188,8 +188,15 @@ class BranchOutput:
 class BranchNet(nn.Module):
     """Encoder(s), B decoder branches and BAFM; forward(x) -> the fused logits (N, K, H, W)."""
 
-    def __init__(self, encoders: Sequence[nn.Module], branches: Sequence[nn.Module], fusion: BranchAttentionFusion):
+    def __init__(
+        self,
+        encoders: Sequence[nn.Module],
+        branches: Sequence[nn.Module],
+        fusion: BranchAttentionFusion,
+        input_norm: InputNorm | None = None,
+    ):
         super().__init__()
+        self.input_norm = input_norm or InputNorm()
         if len(encoders) not in (1, len(branches)):
             raise ValueError(f"{len(encoders)} encoders for {len(branches)} branches: give 1 (shared) or one each")
         self.encoders = nn.ModuleList(encoders)
@@ -197,7 +204,8 @@ class BranchNet(nn.Module):
         self.fusion = fusion
 
     def forward_branches(self, x: Tensor) -> BranchOutput:
-        """x (N, 3, H, W) -> fused logits, branch logits and the branch features BAFM fused."""
+        """x (N, 3, H, W) uint8 or in [0, 1] -> fused logits, branch logits and the branch features BAFM fused."""
+        x = self.input_norm(x)
         if len(self.encoders) == 1:
             shared = self.encoders[0](x)
             feats = [shared] * len(self.branches)
@@ -227,14 +235,10 @@ def build_branch_net(
     model: ModelConfig, num_classes: int, branches: Sequence[str], mode: str = "shared", reduction: int = 4
 ) -> BranchNet:
     """A BranchNet: one encoder (shared) or one per branch (separate), loading model.pretrained into each."""
-    encoders = [build_backbone(model) for _ in range(1 if mode == "shared" else len(branches))]
-    if model.pretrained:
-        for encoder in encoders:
-            report = load_backbone_weights(encoder, model.pretrained)
-            (log.warning if report.missing else log.info)("pretrained backbone: %s", report.summary())
+    encoders, norms = zip(*[build_encoder(model) for _ in range(1 if mode == "shared" else len(branches))])
     heads = [build_branch(kind, model, encoders[0].channels, num_classes) for kind in branches]
     fusion = BranchAttentionFusion(model.head_channels, len(branches), num_classes, reduction)
-    return BranchNet(encoders, heads, fusion)
+    return BranchNet(encoders, heads, fusion, norms[0])
 
 
 TRAINED = ("model",)
@@ -251,9 +255,9 @@ def build(cfg, info):
 def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     l = batch.l  # noqa: E741
     image, mask = augment_pseudo(l.image, l.mask, l.pseudo, ctx.gen, cfg.strong)
-    x = normalize(image)
-    if cfg.pl_noise == "input" and l.pseudo is not None:
-        x = input_noise(x, cfg.input_std, ctx.gen, l.pseudo)
+    x = image
+    if cfg.pl_noise == "input" and l.pseudo is not None:  # sigma in the network's normalised units
+        x = input_noise(image.float() / 255, cfg.input_std * unwrap(nets["model"]).input_norm.std, ctx.gen, l.pseudo)
     out = nets["model"].forward_branches(x)
     ce = partial(
         supervised_loss, mask=mask, criterion=cfg.criterion, thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semiseg.config import MethodConfig
-from semiseg.data.augment import StrongAugConfig, classmix_mask, cutmix_box, mix, normalize, strong_view
+from semiseg.data.augment import StrongAugConfig, classmix_mask, cutmix_box, mix, strong_view
 from semiseg.data.info import IGNORE
 from semiseg.engine.checkpoint import unwrap
 from semiseg.engine.ema import ema_update, mean_teacher_keep
@@ -196,7 +196,7 @@ def _mix_mask(cfg: Config, teacher_label: torch.Tensor, gen: torch.Generator) ->
 
 def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     l, u = batch.l, batch.u
-    x_u = normalize(u.image)
+    x_u = u.image
     if batch.u_mix is not None:
         partner_image, partner_pad = batch.u_mix.image, batch.u_mix.pad
     else:
@@ -210,7 +210,7 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
             if batch.u_mix is None:
                 prob_partner[teacher] = roll(prob[teacher])
             else:
-                prob_partner[teacher] = nets[teacher](normalize(partner_image)).float().softmax(1)
+                prob_partner[teacher] = nets[teacher](partner_image).float().softmax(1)
         # One mask for both students keeps their views pixel-aligned for the low-level module (METHODS.md 5(h)4).
         keep = _mix_mask(cfg, (prob["teacher_a"] + prob["teacher_b"]).argmax(1), ctx.gen)
         mixed = mix(partner_image, u.image, keep)
@@ -223,8 +223,8 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
         peer_teacher = PAIRS[1 - k][1]
         with torch.no_grad():
             conf, label = mix(prob_partner[peer_teacher], prob[peer_teacher], keep).max(dim=1)
-        logits_l, feat_l = nets[student].forward_with_features(normalize(l.image))
-        logits_u, feat_u = nets[student].forward_with_features(normalize(strong_view(mixed, ctx.gen, cfg.strong)))
+        logits_l, feat_l = nets[student].forward_with_features(l.image)
+        logits_u, feat_u = nets[student].forward_with_features(strong_view(mixed, ctx.gen, cfg.strong))
         omega = mask_ratio(conf, cfg.conf_tau, pad)
         loss_x = supervised_loss(logits_l, l.mask, cfg.criterion, cfg.ohem_thresh, cfg.ohem_min_kept)
         loss_u = masked_ce(logits_u, label, omega.expand_as(conf), ~pad)
@@ -299,7 +299,7 @@ def _feed_bank(teacher: nn.Module, bank: MemoryBank, cfg: Config) -> None:
     """Push the teacher's confident, correct labeled features into its bank, top-n per class."""
     image, mask = bank.pending
     bank.pending = None
-    feat = teacher.features(normalize(image))
+    feat = teacher.features(image)
     prob = teacher.head.classifier(feat).float().softmax(1)
     score, pred = prob.max(1)
     gt = _resize_nearest(mask, feat.shape[-2:])

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from semiseg.config import ConfigError, MethodConfig
-from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, normalize, partner_views, strong_view
+from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, partner_views, strong_view
 from semiseg.engine.checkpoint import unwrap
 from semiseg.engine.ema import ema_update
 from semiseg.engine.loop import StepOut
@@ -156,13 +156,13 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
         u.image, u.pad, [s1, s2], ctx.gen, aug, *((u_mix.image, u_mix.pad) if u_mix else ())
     )
     with torch.no_grad():
-        t_w = teacher(normalize(u.image))
+        t_w = teacher(u.image)
         # train-mode BatchNorm statistics do not depend on the order of the batch: with rolled partners, roll the
         # teacher's output instead of running it again
-        t_p = teacher(normalize(partner_w)) if u_mix is not None else roll(t_w)
+        t_p = teacher(partner_w) if u_mix is not None else roll(t_w)
 
-    x_lw = normalize(torch.cat([l.image, u.image]))
-    strong = normalize(torch.cat([mix(s1, partner_s1, box1), mix(s2, partner_s2, box2)]))
+    x_lw = torch.cat([l.image, u.image])
+    strong = torch.cat([mix(s1, partner_s1, box1), mix(s2, partner_s2, box2)])
     emb_w = emb_s = None
     if cfg.align == "infonce":
         logits, (logits_fp1, logits_fp2), emb_w = _fp_forward_with_embeddings(student, x_lw)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from semiseg.config import MethodConfig
-from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, normalize, partner_views, strong_view
+from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, partner_views, strong_view
 from semiseg.engine.evaluate import evaluating
 from semiseg.engine.loop import StepOut
 from semiseg.losses import masked_ce, supervised_loss
@@ -61,14 +61,14 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
 
     # The partner's pseudo-label comes from an eval-mode (running BN statistics), no-grad pass, as in the reference.
     with evaluating(model):
-        conf_p, label_p = pseudo_label(model(normalize(partner_w)))
+        conf_p, label_p = pseudo_label(model(partner_w))
 
     if cfg.joint_forward:
-        logits = model(normalize(torch.cat([l.image, u.image])))
+        logits = model(torch.cat([l.image, u.image]))
         logits_x, logits_w = logits[:n_l], logits[n_l:]
     else:
-        logits_x, logits_w = model(normalize(l.image)), model(normalize(u.image))
-    logits_s = model(normalize(mix(s, partner_s, box)))
+        logits_x, logits_w = model(l.image), model(u.image)
+    logits_s = model(mix(s, partner_s, box))
 
     conf, label = pseudo_label(logits_w)
     label_m, conf_m, pad_m = cutmix_targets(label, conf, u.pad, label_p, conf_p, partner_pad, box)

@@ -26,7 +26,6 @@ from functools import partial
 
 import torch
 
-from semiseg.data.augment import normalize
 from semiseg.engine.evaluate import predict_multiscale, predict_whole
 from semiseg.engine.loop import StepOut
 from semiseg.losses import supervised_loss
@@ -65,7 +64,7 @@ def build(cfg, info):
 def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     l = batch.l  # noqa: E741
     image, mask = augment_pseudo(l.image, l.mask, l.pseudo, ctx.gen, cfg.strong)
-    logits = nets["model"](normalize(image))
+    logits = nets["model"](image)
     loss = supervised_loss(logits, mask, cfg.criterion, cfg.ohem_thresh, cfg.ohem_min_kept)
     logs = {"train/loss_x": loss.detach()}
     if l.pseudo is not None:

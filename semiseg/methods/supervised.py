@@ -8,7 +8,6 @@ Command: `semiseg train configs/demo.yaml`; UniMatch's R101 VOC-92 SupBaseline r
 from dataclasses import dataclass
 
 from semiseg.config import MethodConfig
-from semiseg.data.augment import normalize
 from semiseg.engine.loop import StepOut
 from semiseg.losses import supervised_loss
 from semiseg.models import build_model
@@ -30,6 +29,6 @@ def build(cfg, info):
 
 
 def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
-    logits = nets["model"](normalize(batch.l.image))
+    logits = nets["model"](batch.l.image)
     loss = supervised_loss(logits, batch.l.mask, cfg.criterion, cfg.ohem_thresh, cfg.ohem_min_kept)
     return StepOut(loss, {"train/loss_x": loss.detach()})

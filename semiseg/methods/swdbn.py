@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from semiseg.config import ConfigError, MethodConfig
-from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, normalize, strong_view
+from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, strong_view
 from semiseg.data.info import IGNORE
 from semiseg.data.weak import background_index, tag_matrix, tag_proxy
 from semiseg.engine.checkpoint import unwrap
@@ -44,7 +44,7 @@ from semiseg.engine.ema import ema_update, mean_teacher_keep
 from semiseg.engine.evaluate import evaluating
 from semiseg.engine.loop import StepOut
 from semiseg.losses import ce, supervised_loss
-from semiseg.models import build_backbone, load_backbone_weights, upsample
+from semiseg.models import InputNorm, build_encoder, upsample
 from semiseg.models.deeplab import conv_bn_relu
 from semiseg.ops import confident, cutmix_targets, label_accuracy, pseudo_label, roll
 
@@ -146,9 +146,17 @@ class DualBranchNet(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, num_classes: int, width: int, neck_depth: int, branch_depth: int, dual=True
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        width: int,
+        neck_depth: int,
+        branch_depth: int,
+        dual=True,
+        input_norm: InputNorm | None = None,
     ):
         super().__init__()
+        self.input_norm = input_norm or InputNorm()
         c4 = backbone.channels[-1]
         self.backbone = backbone
         self.neck = convs(c4, width, neck_depth)
@@ -158,8 +166,8 @@ class DualBranchNet(nn.Module):
         self.weak_labels: WeakLabels | None = None
 
     def encode(self, x: Tensor) -> Tensor:
-        """x (B, 3, H, W) -> shared neck features (B, D, h, w)."""
-        return self.neck(self.backbone(x)[-1])
+        """x (B, 3, H, W) uint8 or in [0, 1] -> shared neck features (B, D, h, w)."""
+        return self.neck(self.backbone(self.input_norm(x))[-1])
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, 3, H, W) -> strong-branch logits (B, K, H, W)."""
@@ -185,13 +193,10 @@ class DualBranchNet(nn.Module):
 
 def build_dual_branch(cfg, num_classes: int) -> DualBranchNet:
     """The SWDBN network of a Config (model.head is not used: the neck and branches replace it)."""
-    backbone = build_backbone(cfg.model)
-    if cfg.model.pretrained:
-        report = load_backbone_weights(backbone, cfg.model.pretrained)
-        (log.warning if report.missing else log.info)("pretrained backbone: %s", report.summary())
+    backbone, input_norm = build_encoder(cfg.model)
     m = cfg.method
     return DualBranchNet(
-        backbone, num_classes, cfg.model.head_channels, m.neck_depth, m.branch_depth, not m.single_branch
+        backbone, num_classes, cfg.model.head_channels, m.neck_depth, m.branch_depth, not m.single_branch, input_norm
     )
 
 
@@ -209,9 +214,9 @@ def teacher_logits(nets, image: Tensor, cfg: Config) -> Tensor:
     """Strong-branch logits (B, K, H, W) of uint8 images from the teacher, in eval mode, without gradient."""
     if cfg.teacher == "ema":
         teacher = nets["teacher"].eval()
-        return teacher(normalize(image))
+        return teacher(image)
     with evaluating(nets["model"]):
-        return nets["model"](normalize(image))
+        return nets["model"](image)
 
 
 def proxy(nets, image: Tensor, ids: list[str], mask: Tensor | None, cfg: Config, ctx) -> tuple[Tensor, Tensor]:
@@ -267,7 +272,7 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
         image_w, label_w, conf_w, pad_w = u.image, label, conf, u.pad
     target = torch.where((conf_w >= cfg.tau) & ~pad_w, label_w, IGNORE)
 
-    logits_x, logits_w = model.forward_branches(normalize(torch.cat([l.image, image_w])), n_l)
+    logits_x, logits_w = model.forward_branches(torch.cat([l.image, image_w]), n_l)
     loss_x = supervised_loss(logits_x, l.mask, cfg.criterion, cfg.ohem_thresh, cfg.ohem_min_kept)
     loss_w = ce(logits_w, target)
     loss = loss_x + cfg.lam * loss_w

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from semiseg.config import MethodConfig
-from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, normalize, partner_views, strong_view
+from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, partner_views, strong_view
 from semiseg.engine.evaluate import evaluating
 from semiseg.engine.loop import StepOut
 from semiseg.losses import masked_ce, supervised_loss
@@ -69,15 +69,15 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
 
     # The partner's pseudo-label comes from an eval-mode (running BN statistics), no-grad pass, as in the reference.
     with evaluating(model):
-        conf_p, label_p = pseudo_label(model(normalize(partner_w)))
+        conf_p, label_p = pseudo_label(model(partner_w))
 
     if cfg.joint_forward:
-        logits, (logits_fp,) = model.forward_fp(normalize(torch.cat([l.image, u.image])), 1)
+        logits, (logits_fp,) = model.forward_fp(torch.cat([l.image, u.image]), 1)
         logits_x, logits_w, logits_w_fp = logits[:n_l], logits[n_l:], logits_fp[n_l:]
     else:  # the labeled crops skip the feature-perturbed stream, whose labeled half the reference discards anyway
-        logits_x = model(normalize(l.image))
-        logits_w, (logits_w_fp,) = model.forward_fp(normalize(u.image), 1)
-    strong = normalize(torch.cat([mix(s1, partner_s1, box1), mix(s2, partner_s2, box2)]))
+        logits_x = model(l.image)
+        logits_w, (logits_w_fp,) = model.forward_fp(u.image, 1)
+    strong = torch.cat([mix(s1, partner_s1, box1), mix(s2, partner_s2, box2)])
     logits_s1, logits_s2 = model(strong).chunk(2)
 
     conf, label = pseudo_label(logits_w)

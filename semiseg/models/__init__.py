@@ -19,9 +19,16 @@ from semiseg.models.deeplab import (
     DeepLabV3PlusHead,
     default_rates,
 )
-from semiseg.models.pretrained import LoadReport, load_backbone_weights, read_state_dict
+from semiseg.models.mobilenetv2 import MobileNetV2, build_mobilenet_v2
+from semiseg.models.pretrained import (
+    LoadReport,
+    load_backbone_weights,
+    read_state_dict,
+    resolve_weights,
+    weights_normalization,
+)
 from semiseg.models.resnet import STEMS, ResNet, build_resnet
-from semiseg.models.segmentor import MAIN, Segmentor, upsample
+from semiseg.models.segmentor import IMAGENET_MEAN, IMAGENET_STD, MAIN, InputNorm, Segmentor, upsample
 from semiseg.models.xception import Xception, build_xception
 
 log = logging.getLogger(__name__)
@@ -32,6 +39,7 @@ BACKBONES: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "resnet50": lambda cfg: build_resnet("resnet50", cfg.stem, cfg.width, cfg.output_stride),
     "resnet101": lambda cfg: build_resnet("resnet101", cfg.stem, cfg.width, cfg.output_stride),
     "xception65": lambda cfg: build_xception(cfg.output_stride),
+    "mobilenet_v2": lambda cfg: build_mobilenet_v2(cfg.width_mult, cfg.output_stride, cfg.tf_padding),
 }
 
 HEADS: dict[str, Callable[[ModelConfig, Sequence[int], int, tuple[int, ...]], nn.Module]] = {
@@ -57,11 +65,24 @@ def check_model_config(cfg: ModelConfig) -> None:
             raise ConfigError(f"model.output_stride: {cfg.output_stride} is not one of 8, 16, 32")
         if cfg.width < 1:
             raise ConfigError(f"model.width: must be positive, got {cfg.width}")
+    elif cfg.backbone == "mobilenet_v2":
+        if cfg.output_stride not in (8, 16, 32):
+            raise ConfigError(f"model.output_stride: {cfg.output_stride} is not one of 8, 16, 32")
+        if cfg.width_mult <= 0:
+            raise ConfigError(f"model.width_mult: must be positive, got {cfg.width_mult}")
     else:
         if cfg.output_stride not in (8, 16):
             raise ConfigError(f"model.output_stride: {cfg.output_stride} is not one of 8, 16 for {cfg.backbone}")
         if cfg.width != 64:
             raise ConfigError(f"model.width: {cfg.backbone} has a fixed width; leave width at 64")
+    if cfg.tf_padding and cfg.backbone != "mobilenet_v2":
+        raise ConfigError(f"model.tf_padding: only mobilenet_v2 offers TF 'SAME' padding, not {cfg.backbone}")
+    for key in ("input_mean", "input_std"):
+        values = getattr(cfg, key)
+        if values and (len(values) != 3 or (key == "input_std" and min(values) <= 0)):
+            raise ConfigError(f"model.{key}: give 3 RGB values for [0, 1] images (std > 0), got {list(values)}")
+    if bool(cfg.input_mean) != bool(cfg.input_std):
+        raise ConfigError("model.input_mean and model.input_std: set both or neither")
     if cfg.head_channels < 1 or cfg.low_level_channels < 1:
         raise ConfigError("model.head_channels and model.low_level_channels must be positive")
     if not 0.0 <= cfg.fp_dropout < 1.0:
@@ -72,6 +93,30 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     """The randomly initialised encoder named by cfg.backbone; forward(x) -> [c1..c4], `channels` declared."""
     check_model_config(cfg)
     return BACKBONES[cfg.backbone](cfg)
+
+
+def build_encoder(cfg: ModelConfig) -> tuple[nn.Module, InputNorm]:
+    """(backbone with cfg.pretrained loaded, the input normalisation it expects).
+
+    Normalisation, first that applies: model.input_mean/std; the weights' own (safetensors metadata); the
+    backbone's default (ImageNet's for every backbone here). A `model.pretrained` name (`imagenet`) resolves to the
+    backbone's public checkpoint URL.
+    """
+    backbone = build_backbone(cfg)
+    mean = getattr(backbone, "input_mean", IMAGENET_MEAN)
+    std = getattr(backbone, "input_std", IMAGENET_STD)
+    source = "the backbone's default"
+    if cfg.pretrained:
+        weights = resolve_weights(cfg.pretrained, cfg.backbone)
+        report = load_backbone_weights(backbone, weights)
+        (log.warning if report.missing else log.info)("pretrained backbone: %s", report.summary())
+        declared = weights_normalization(weights)
+        if declared:
+            (mean, std), source = declared, "the weights' metadata"
+    if cfg.input_mean:
+        mean, std, source = cfg.input_mean, cfg.input_std, "model.input_mean/input_std"
+    log.info("input normalisation: mean %s std %s (%s)", tuple(mean), tuple(std), source)
+    return backbone, InputNorm(mean, std)
 
 
 def build_head(cfg: ModelConfig, channels: Sequence[int], num_classes: int, head: str = "") -> nn.Module:
@@ -85,24 +130,24 @@ def build_head(cfg: ModelConfig, channels: Sequence[int], num_classes: int, head
 
 def build_model(cfg: ModelConfig, num_classes: int, extra_heads: Mapping[str, str] | None = None) -> Segmentor:
     """Backbone + cfg.head (+ extra heads by head name, e.g. {"context": "deeplabv3"}); loads cfg.pretrained."""
-    backbone = build_backbone(cfg)
-    if cfg.pretrained:
-        report = load_backbone_weights(backbone, cfg.pretrained)
-        (log.warning if report.missing else log.info)("pretrained backbone: %s", report.summary())
+    backbone, input_norm = build_encoder(cfg)
     head = build_head(cfg, backbone.channels, num_classes)
     extras = {name: build_head(cfg, backbone.channels, num_classes, kind) for name, kind in (extra_heads or {}).items()}
-    return Segmentor(backbone, head, cfg.fp_dropout, extras, cfg.proj_dim)
+    return Segmentor(backbone, head, cfg.fp_dropout, extras, cfg.proj_dim, input_norm)
 
 
 __all__ = [
     "BACKBONES",
     "HEADS",
     "MAIN",
+    "InputNorm",
     "LoadReport",
+    "MobileNetV2",
     "ResNet",
     "Segmentor",
     "Xception",
     "build_backbone",
+    "build_encoder",
     "build_head",
     "build_model",
     "check_model_config",

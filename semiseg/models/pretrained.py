@@ -1,5 +1,6 @@
-"""Safe import of pretrained backbone weights: torchvision ResNets, the deep-stem (v1c) ResNets and Xception of
-the ST++/UniMatch authors, and semiseg's own exports (a Segmentor state dict: its `backbone.` entries).
+"""Safe import of pretrained backbone weights: torchvision ResNets and MobileNetV2 (by name: `imagenet`), the
+deep-stem (v1c) ResNets and Xception of the ST++/UniMatch authors, and semiseg's own exports (a Segmentor state
+dict: its `backbone.` entries).
 
 Files are read without unpickling code (`torch.load(weights_only=True)`, or safetensors); URLs are downloaded
 once into ~/.cache/semiseg. Shape mismatches raise CheckpointError naming the key and both shapes; missing and
@@ -9,6 +10,7 @@ unexpected keys are returned in a LoadReport whose `summary()` is one line.
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,6 +21,24 @@ from torch import Tensor, nn
 from semiseg.errors import CheckpointError
 
 CACHE_DIR = Path.home() / ".cache" / "semiseg"
+TORCHVISION = "https://download.pytorch.org/models/"
+NAMED_WEIGHTS: dict[str, dict[str, str]] = {
+    "imagenet": {
+        "resnet18": TORCHVISION + "resnet18-f37072fd.pth",
+        "resnet34": TORCHVISION + "resnet34-b627a593.pth",
+        "resnet50": TORCHVISION + "resnet50-0676ba61.pth",
+        "resnet101": TORCHVISION + "resnet101-63fe2227.pth",
+        "mobilenet_v2": TORCHVISION + "mobilenet_v2-b0353104.pth",
+    },
+    "imagenet_v2": {
+        "resnet50": TORCHVISION + "resnet50-11ad3fa6.pth",
+        "resnet101": TORCHVISION + "resnet101-cd907fc2.pth",
+        "mobilenet_v2": TORCHVISION + "mobilenet_v2-7ebf99e0.pth",
+    },
+}
+"""`model.pretrained` names -> backbone -> URL: torchvision's IMAGENET1K_V1 (`imagenet`) and IMAGENET1K_V2
+(`imagenet_v2`) classification checkpoints, downloaded once into CACHE_DIR. They need the torchvision layout of
+each backbone (ResNets: `model.stem: torchvision`, width 64; MobileNetV2: width_mult 1.0)."""
 CONTAINER_KEYS = ("state_dict", "model", "model_state")
 # Classifier of ImageNet checkpoints; a segmentation backbone has no use for it.
 CLASSIFIER_PREFIXES = ("fc.",)
@@ -55,8 +75,8 @@ def first_line(e: BaseException) -> str:
 
 
 def is_url(path_or_url: str) -> bool:
-    """True for http(s) URLs."""
-    return urlparse(str(path_or_url)).scheme in ("http", "https")
+    """True for http(s) and file:// URLs (downloaded, or copied, into the cache)."""
+    return urlparse(str(path_or_url)).scheme in ("http", "https", "file")
 
 
 def fetch(url: str, cache_dir: Path | None = None) -> Path:
@@ -127,11 +147,50 @@ def read_state_dict(path_or_url: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def backbone_entries(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The backbone's part of a checkpoint: its `backbone.` entries if it has any, else all but the classifier."""
+def resolve_weights(name_or_path: str, backbone: str) -> str:
+    """`model.pretrained` as a path or URL: a NAMED_WEIGHTS name becomes its URL for `backbone`."""
+    if name_or_path not in NAMED_WEIGHTS:
+        return name_or_path
+    urls = NAMED_WEIGHTS[name_or_path]
+    if backbone not in urls:
+        have = ", ".join(urls) or "none"
+        raise CheckpointError(
+            f"model.pretrained={name_or_path}: no public checkpoint known for backbone {backbone} "
+            f"(known for {have}); pass a local path or URL"
+        )
+    return urls[backbone]
+
+
+def weights_normalization(path_or_url: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) a safetensors file declares in its metadata (`input_normalization: ... mean=(a,b,c)
+    std=(a,b,c)`), or None: torchvision checkpoints carry none and use ImageNet's."""
+    source = str(path_or_url)
+    path = fetch(source) if is_url(source) else Path(source).expanduser()
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("input_normalization", "")
+    except Exception:
+        return None
+    found = {k: re.search(k + r"\s*=\s*\(([^)]*)\)", text) for k in ("mean", "std")}
+    if not all(found.values()):
+        return None
+    try:
+        mean, std = (tuple(float(v) for v in found[k].group(1).split(",")) for k in ("mean", "std"))
+    except ValueError:
+        return None
+    return (mean, std) if len(mean) == len(std) == 3 else None
+
+
+def backbone_entries(state: dict[str, Tensor], head_prefixes: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """The backbone's part of a checkpoint: its `backbone.` entries if it has any, else all but the classification
+    head (`fc.`, and the backbone's own `head_prefixes`, e.g. MobileNetV2's last 1x1 conv and classifier)."""
     if any(k.startswith("backbone.") for k in state):
         return {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-    return {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    return {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES + tuple(head_prefixes))}
 
 
 def stem_hint(model_keys: set[str], ckpt_keys: set[str]) -> str:
@@ -146,7 +205,7 @@ def stem_hint(model_keys: set[str], ckpt_keys: set[str]) -> str:
 def load_backbone_weights(backbone: nn.Module, path_or_url: str | Path) -> LoadReport:
     """Copies matching tensors of a checkpoint into `backbone`; raises CheckpointError on any shape mismatch."""
     source = str(path_or_url)
-    state = backbone_entries(read_state_dict(path_or_url))
+    state = backbone_entries(read_state_dict(path_or_url), getattr(backbone, "head_prefixes", ()))
     model_state = backbone.state_dict()
     hint = stem_hint(set(model_state), set(state))
     mismatched = [k for k, v in state.items() if k in model_state and v.shape != model_state[k].shape]

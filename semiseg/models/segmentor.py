@@ -1,4 +1,6 @@
-"""Segmentor: one backbone, one main head, optional extra heads on the same encoder, optional projection head.
+"""Segmentor: input normalisation, one backbone, one main head, optional extra heads, optional projection head.
+
+Every entry point takes uint8 or float-in-[0, 1] images (B, 3, H, W) and normalises them itself (`InputNorm`).
 
 Return types never depend on a flag: each kind of output has its own method.
   model(x)                       -> logits (B, K, H, W), upsampled to the input size
@@ -14,10 +16,37 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 MAIN = "main"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class InputNorm(nn.Module):
+    """uint8 or float-in-[0, 1] images (B, 3, H, W) -> float (x - mean) / std with the network's own statistics.
+
+    The mean and std are buffers, so exports and checkpoints carry them: a reloaded model normalises exactly as the
+    trained one did, whatever weights it started from. Methods and tools pass raw images; only networks normalise.
+    """
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        super().__init__()
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"input mean/std need 3 values and a positive std, got {tuple(mean)} / {tuple(std)}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float().div(255) if x.dtype == torch.uint8 else x
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"mean={tuple(round(v, 4) for v in self.mean.flatten().tolist())}, std=" + str(
+            tuple(round(v, 4) for v in self.std.flatten().tolist())
+        )
 
 
 def upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
@@ -47,9 +76,11 @@ class Segmentor(nn.Module):
         fp_dropout: float = 0.5,
         extra_heads: Mapping[str, nn.Module] | None = None,
         proj_dim: int = 0,
+        input_norm: InputNorm | None = None,
     ):
         super().__init__()
         extra_heads = dict(extra_heads or {})
+        self.input_norm = input_norm or InputNorm()
         if MAIN in extra_heads:
             raise ValueError(f"extra head name {MAIN!r} is reserved for the main head")
         self.backbone = backbone
@@ -59,8 +90,8 @@ class Segmentor(nn.Module):
         self.fp_dropout = fp_dropout
 
     def encode(self, x: Tensor) -> list[Tensor]:
-        """x (B, 3, H, W) -> [c1, c2, c3, c4]."""
-        return self.backbone(x)
+        """x (B, 3, H, W) uint8 or in [0, 1] -> [c1, c2, c3, c4]."""
+        return self.backbone(self.input_norm(x))
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, 3, H, W) -> logits (B, K, H, W)."""
