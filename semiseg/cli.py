@@ -159,10 +159,14 @@ def cmd_data_get(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from semiseg.config import ConfigError
     from semiseg.demo import run_demo
 
-    out = args.out or ("runs/demo" if args.seed == 0 else f"runs/demo_seed{args.seed}")
-    return run_demo(Path(out), quick=args.quick, seed=args.seed)
+    name = "demo" if args.dataset == "synthetic" else f"demo_{args.dataset}"
+    out = args.out or (f"runs/{name}" if args.seed == 0 else f"runs/{name}_seed{args.seed}")
+    if args.dataset == "synthetic" and (args.data_root or args.pretrained):
+        raise ConfigError("--data-root and --pretrained belong to `semiseg demo camvid`")
+    return run_demo(Path(out), args.quick, args.seed, args.dataset, args.data_root, args.pretrained)
 
 
 def cmd_weak_derive(args) -> int:
@@ -185,8 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semiseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train supervised vs semi-supervised on the embedded synthetic dataset (CPU)")
-    p.add_argument("--out", default=None, help="run folder (default runs/demo, or runs/demo_seedN with --seed N)")
+    p = sub.add_parser("demo", help="train supervised vs UniMatch on the synthetic dataset or on CamVid (CPU)")
+    p.add_argument(
+        "dataset",
+        nargs="?",
+        default="synthetic",
+        choices=["synthetic", "camvid"],
+        help="synthetic (default; offline, from scratch) or camvid (real frames, ImageNet-pretrained MobileNetV2)",
+    )
+    p.add_argument("--out", default=None, help="run folder (default runs/demo[_camvid], runs/demo[_camvid]_seedN)")
+    p.add_argument("--data-root", default=None, help="camvid: a SegNet-layout CamVid folder (default: fetch it)")
+    p.add_argument(
+        "--pretrained", default=None, help="camvid: MobileNetV2 weights, path or URL (default: torchvision's ImageNet)"
+    )
     p.add_argument("--seed", type=int, default=0, help="training seed of both methods (the split stays fixed)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.set_defaults(func=cmd_demo)

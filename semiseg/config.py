@@ -79,7 +79,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet101"
-    """resnet18 | resnet34 | resnet50 | resnet101 | xception65 | mobilenet_v2"""
+    """resnet18 | resnet34 | resnet50 | resnet101 | xception65 | mobilenet_v2 | dinov2_small | dinov2_base |
+    dinov2_large"""
     stem: str = "deep"
     """ResNet stem: deep (v1c, three 3x3 convs; UniMatch/DSSN) | torchvision (7x7; ST++)"""
     width: int = 64
@@ -87,7 +88,7 @@ class ModelConfig:
     output_stride: int = 16
     """8 or 16: the last stages are dilated instead of strided"""
     head: str = "deeplabv3plus"
-    """deeplabv3plus | deeplabv2 | deeplabv2_ctt"""
+    """deeplabv3plus | deeplabv3 | deeplabv2 | deeplabv2_ctt | dpt (DINOv2 backbones)"""
     aspp_rates: tuple[int, ...] = ()
     """atrous rates; empty = (6, 12, 18) at OS16, (12, 24, 36) at OS8 (DeepLabV2: 6, 12, 18, 24)"""
     head_channels: int = 256
@@ -101,8 +102,9 @@ class ModelConfig:
     proj_dim: int = 0
     """projection head output size for contrastive methods; 0 = none"""
     pretrained: str = ""
-    """backbone weights: `imagenet` (the backbone's public ImageNet checkpoint, downloaded once into the cache),
-    a local path or a URL (.pth/.pt/.safetensors; torchvision or deep-stem names); empty = random init"""
+    """backbone weights: a name (`imagenet`, `imagenet_v2`: torchvision's checkpoints; `dinov2`: Meta's; downloaded
+    once into the cache), a local path or a URL (.pth/.pt/.safetensors; torchvision or deep-stem names); empty =
+    random init"""
     input_mean: tuple[float, ...] = ()
     """RGB mean the model subtracts from [0, 1] images; empty = the weights' own (safetensors metadata), else
     the backbone's default (ImageNet's (0.485, 0.456, 0.406))"""

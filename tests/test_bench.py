@@ -19,6 +19,8 @@ TINY_BENCH = [
     "data.batch_size_u=2",
     "data.workers=0",
     "model.width=8",
+    "model.width_mult=0.25",
+    "model.pretrained=",
     "model.head_channels=16",
     "model.low_level_channels=8",
     "optim.lr=0.01",
@@ -178,14 +180,18 @@ def test_resolve_preset_names(tmp_path, monkeypatch):
         bench.resolve_preset("camvid")
 
 
-def test_camvid_preset_and_method_files_are_valid():
-    path = bench.resolve_preset("camvid")
+@pytest.mark.parametrize("preset", ["camvid", "stanford_background"])
+def test_bench_presets_and_their_method_files_are_valid(preset):
+    from semiseg.methods import METHODS
+
+    path = bench.resolve_preset(preset)
     raw = config_mod.read_yaml(path)
     cfg = config_mod.from_dict(raw, f"{path}: ")
-    assert (cfg.data.dataset, cfg.data.root, cfg.data.labeled, cfg.data.resize) == ("camvid", "data/camvid", "1/8", 0.5)
-    assert cfg.eval.mode == "whole" and cfg.data.val_split == "val" and cfg.model.backbone == "resnet18"
-    assert cfg.train.iters > 0 and cfg.eval.every > 0
-    for name in ("fixmatch", "unimatch"):
+    assert cfg.data.val_split and cfg.train.iters > 0 and cfg.train.full_iters >= cfg.train.iters
+    assert cfg.model.pretrained == "imagenet"  # the benchmarks are about fine-tuning a pretrained encoder
+    files = sorted(p.stem for p in path.parent.glob("*.yaml") if p.name != "bench.yaml")
+    assert files and set(files) <= set(METHODS)
+    for name in files:
         section = method_section(name, raw.get("method") or {}, path.parent / f"{name}.yaml", [], "")
         assert config_mod.from_dict({**raw, "method": section}).method.name == name
 

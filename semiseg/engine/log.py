@@ -6,6 +6,7 @@ Only rank 0 writes. Progress lines (not a redrawn bar) so that SLURM and `tee` l
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 import sys
@@ -72,6 +73,18 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+class _Forward(logging.Handler):
+    """Sends `semiseg.*` logging records to a RunLog (console and log.txt)."""
+
+    def __init__(self, run_log: RunLog):
+        super().__init__(logging.INFO)
+        self.run_log = run_log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        self.run_log.info(prefix + record.getMessage())
+
+
 class RunLog:
     """Text log + console + metrics.jsonl (+ TensorBoard) for one run folder."""
 
@@ -93,6 +106,12 @@ class RunLog:
                     self._tb = SummaryWriter(str(self.run_dir / "tb"))
                 except Exception:  # tensorboard is optional
                     self._tb = None
+        # Library messages (pretrained-weight load reports, input normalisation) belong in the run's log too.
+        self._handler = _Forward(self)
+        self._logger = logging.getLogger("semiseg")
+        self._level = self._logger.level
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(logging.INFO)
 
     def info(self, text: str, console: bool = True) -> None:
         """A line to the console (unless quiet or console=False) and the text log, with a timestamp in the log."""
@@ -128,6 +147,8 @@ class RunLog:
         self._jsonl = open(path, "a", buffering=1)
 
     def close(self) -> None:
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._level)
         for f in (self._text, self._jsonl):
             if f is not None:
                 f.close()

@@ -10,7 +10,7 @@ The method contract (DESIGN.md): a method is one module with
   run(cfg, run_dir)            optional: multi-stage methods compose engine.loop.fit several times
 """
 
-from semiseg.methods import bst, ctt, dssn, fixmatch, st, supervised, swdbn, unimatch
+from semiseg.methods import bst, ctt, dssn, fixmatch, st, supervised, swdbn, unimatch, unimatch_v2
 
 METHODS = {
     "supervised": supervised,
@@ -22,4 +22,5 @@ METHODS = {
     "st": st,
     "stpp": st,  # ST++: the same module; Config.plus is derived from the name
     "bst": bst,
+    "unimatch_v2": unimatch_v2,
 }

@@ -19,6 +19,7 @@ from semiseg.models.deeplab import (
     DeepLabV3PlusHead,
     default_rates,
 )
+from semiseg.models.dpt import DPTHead, dpt_widths
 from semiseg.models.mobilenetv2 import MobileNetV2, build_mobilenet_v2
 from semiseg.models.pretrained import (
     LoadReport,
@@ -29,6 +30,7 @@ from semiseg.models.pretrained import (
 )
 from semiseg.models.resnet import STEMS, ResNet, build_resnet
 from semiseg.models.segmentor import IMAGENET_MEAN, IMAGENET_STD, MAIN, InputNorm, Segmentor, upsample
+from semiseg.models.vit import build_dinov2
 from semiseg.models.xception import Xception, build_xception
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ BACKBONES: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "resnet101": lambda cfg: build_resnet("resnet101", cfg.stem, cfg.width, cfg.output_stride),
     "xception65": lambda cfg: build_xception(cfg.output_stride),
     "mobilenet_v2": lambda cfg: build_mobilenet_v2(cfg.width_mult, cfg.output_stride, cfg.tf_padding),
+    "dinov2_small": lambda cfg: build_dinov2("small"),
+    "dinov2_base": lambda cfg: build_dinov2("base"),
+    "dinov2_large": lambda cfg: build_dinov2("large"),
 }
 
 HEADS: dict[str, Callable[[ModelConfig, Sequence[int], int, tuple[int, ...]], nn.Module]] = {
@@ -49,6 +54,7 @@ HEADS: dict[str, Callable[[ModelConfig, Sequence[int], int, tuple[int, ...]], nn
     "deeplabv3": lambda cfg, ch, k, rates: DeepLabV3Head(ch, k, rates, cfg.head_channels, cfg.dropout),
     "deeplabv2": lambda cfg, ch, k, rates: DeepLabV2Head(ch, k, rates),
     "deeplabv2_ctt": lambda cfg, ch, k, rates: CTTDeepLabV2Head(ch, k, rates, cfg.head_channels),
+    "dpt": lambda cfg, ch, k, rates: DPTHead(ch, k, *dpt_widths(ch, cfg.head_channels)),
 }
 
 
@@ -70,6 +76,9 @@ def check_model_config(cfg: ModelConfig) -> None:
             raise ConfigError(f"model.output_stride: {cfg.output_stride} is not one of 8, 16, 32")
         if cfg.width_mult <= 0:
             raise ConfigError(f"model.width_mult: must be positive, got {cfg.width_mult}")
+    elif cfg.backbone.startswith("dinov2_"):  # stride 14 (the patch): model.output_stride does not apply
+        if cfg.width != 64:
+            raise ConfigError(f"model.width: {cfg.backbone} has a fixed width; leave width at 64")
     else:
         if cfg.output_stride not in (8, 16):
             raise ConfigError(f"model.output_stride: {cfg.output_stride} is not one of 8, 16 for {cfg.backbone}")

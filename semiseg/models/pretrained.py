@@ -35,9 +35,14 @@ NAMED_WEIGHTS: dict[str, dict[str, str]] = {
         "resnet101": TORCHVISION + "resnet101-cd907fc2.pth",
         "mobilenet_v2": TORCHVISION + "mobilenet_v2-7ebf99e0.pth",
     },
+    "dinov2": {
+        f"dinov2_{name}": f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{s}14/dinov2_vit{s}14_pretrain.pth"
+        for name, s in (("small", "s"), ("base", "b"), ("large", "l"))
+    },
 }
 """`model.pretrained` names -> backbone -> URL: torchvision's IMAGENET1K_V1 (`imagenet`) and IMAGENET1K_V2
-(`imagenet_v2`) classification checkpoints, downloaded once into CACHE_DIR. They need the torchvision layout of
+(`imagenet_v2`) classification checkpoints and Meta's self-supervised DINOv2 ones (`dinov2`), downloaded once into
+CACHE_DIR. They need the torchvision layout of
 each backbone (ResNets: `model.stem: torchvision`, width 64; MobileNetV2: width_mult 1.0)."""
 CONTAINER_KEYS = ("state_dict", "model", "model_state")
 # Classifier of ImageNet checkpoints; a segmentation backbone has no use for it.
