@@ -192,7 +192,7 @@ def test_presets_follow_the_reference_recipe(path):
     cfg = C.load(path)
     m = cfg.model
     assert m.backbone in ("dinov2_small", "dinov2_base") and m.head == "dpt"
-    assert m.pretrained.endswith(f"{m.backbone}.pth")
+    assert m.pretrained == "dinov2"  # resolves to the official checkpoint of m.backbone
     o = cfg.optim
     assert (o.name, o.lr, o.lr * o.head_lr_mult, o.weight_decay, o.warmup_iters) == ("adamw", 5e-6, 2e-4, 0.01, 0)
     assert not o.no_decay_norm_bias and cfg.train.amp == "off"
