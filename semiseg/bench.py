@@ -391,8 +391,9 @@ def read_run_result(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def train_run(name: str, cfg: Config, run_dir: Path, quiet: bool = False) -> dict:
-    """Train (or resume, or skip when finished) one run; its results.json."""
+def train_run(name: str, cfg: Config, run_dir: Path, quiet: bool = False, wait: bool = True) -> dict | None:
+    """Train (or resume, or skip when finished) one run; its results.json. With wait=False a run that another
+    bench is training is left to it: None."""
     from semiseg.engine.loop import fit
     from semiseg.methods import METHODS
 
@@ -402,7 +403,9 @@ def train_run(name: str, cfg: Config, run_dir: Path, quiet: bool = False) -> dic
         return read_run_result(run_dir)
     # Two benches sharing a folder (e.g. `--methods dssn` and `--methods ctt` side by side) both need the
     # references: the second waits for the first to finish a run instead of training it twice.
-    with _run_lock(run_dir):
+    with _run_lock(run_dir, wait) as locked:
+        if not locked:
+            return None
         check_run_config(run_dir, cfg)
         if (run_dir / "results.json").is_file():
             print(f"bench: {run_dir} finished by another bench; skipped")
@@ -416,22 +419,26 @@ def train_run(name: str, cfg: Config, run_dir: Path, quiet: bool = False) -> dic
 
 
 @contextlib.contextmanager
-def _run_lock(run_dir: Path):
-    """An exclusive lock on run_dir/.bench.lock (released by the OS if the process dies); waits if held."""
+def _run_lock(run_dir: Path, wait: bool = True):
+    """An exclusive lock on run_dir/.bench.lock (released by the OS if the process dies); yields whether it is
+    held: when another bench holds it, waits for it (wait=True) or yields False at once."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".bench.lock", "a") as handle:
         try:
             import fcntl
         except ImportError:  # Windows: no lock; benches sharing a folder must not run at once there
-            yield
+            yield True
             return
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                yield False
+                return
             print(f"bench: {run_dir} is being trained by another bench; waiting for it", flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -621,10 +628,18 @@ def run_bench(
         "summary": {},
     }
     total = len(configs)
-    for i, ((name, seed), cfg) in enumerate(configs.items(), 1):
+    # Runs another bench is training are taken up last (then waited for), so benches sharing a folder split the work.
+    queue = [(i, key, False) for i, key in enumerate(configs, 1)]
+    while queue:
+        i, (name, seed), wait = queue.pop(0)
+        cfg = configs[(name, seed)]
         run_dir = out / "runs" / run_folder_name(name) / f"seed{seed}"
         print(f"bench: [{i}/{total}] {name} seed {seed} -> {run_dir}")
-        result = train_run(name, cfg, run_dir, quiet)
+        result = train_run(name, cfg, run_dir, quiet, wait)
+        if result is None:
+            print(f"bench: {run_dir} is being trained by another bench; coming back to it", flush=True)
+            queue.append((i, (name, seed), True))
+            continue
         evaluated = eval_on_split(run_dir, eval_split) if eval_split != cfg.data.val_split else None
         record = run_record(name, seed, run_dir, result, evaluated, cfg.data.val_split)
         results["runs"].setdefault(name, {})[str(seed)] = record

@@ -345,9 +345,12 @@ def test_run_lock_makes_a_second_bench_wait(tmp_path):
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir), "1.5"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
+    with bench._run_lock(run_dir, wait=False) as locked:  # a bench first takes up the runs nobody trains
+        assert locked is False
     t = time.perf_counter()
-    with bench._run_lock(run_dir):
+    with bench._run_lock(run_dir) as locked:
         waited = time.perf_counter() - t
+        assert locked is True
     holder.wait(timeout=30)
     assert waited > 0.5  # it waited for the holder, which kept the lock 1.5 s
     with bench._run_lock(run_dir):  # released: taken at once
