@@ -1,23 +1,31 @@
-"""Training images/s of one method's step (forward, backward, optimizer) on random crops, data loading excluded.
+"""Training images/s of methods' steps (forward, backward, optimizer) on random crops, data loading excluded, with
+several precisions / memory layouts measured side by side.
 
-usage: python benchmarks/step_speed.py PRESET [--method NAME] [--steps N] [--warmup N] [--set k=v ...]
-e.g.   python benchmarks/step_speed.py configs/pascal/supervised_r101_92.yaml --steps 2 --warmup 1
-       python benchmarks/step_speed.py configs/camvid/bench.yaml --method unimatch
+usage: python benchmarks/step_speed.py PRESET [--methods A,B] [--variants off,bf16] [--steps N] [--set k=v ...]
+e.g.   python benchmarks/step_speed.py configs/camvid/bench.yaml --methods supervised,fixmatch,unimatch
+       python benchmarks/step_speed.py configs/camvid/bench.yaml --methods unimatch --variants off,bf16,off+cl,bf16+cl
+
+A variant is train.amp (off | bf16 | auto | fp16) plus `+cl` for channels_last. The variants of one method take
+turns step by step (A, B, A, B, ...) from identical weights, so machine load hits them alike: compare the columns of
+one row. Printed: seconds per step (median), training images/s (labeled + unlabeled crops), and each variant's speed
+relative to the first.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what `import semiseg` sets; before torch loads OpenMP
 
 import torch  # noqa: E402
 
 from semiseg import config as C  # noqa: E402
 from semiseg.data.batch import Batch, LabeledBatch, UnlabeledBatch  # noqa: E402
 from semiseg.data.datasets import dataset_info  # noqa: E402
+from semiseg.engine.log import cpu_name  # noqa: E402
 from semiseg.engine.loop import Context, amp_dtype  # noqa: E402
 from semiseg.engine.optim import build_optimizer  # noqa: E402
 from semiseg.methods import METHODS  # noqa: E402
@@ -28,59 +36,88 @@ def random_batch(cfg, num_classes, device, gen):
     img = lambda n: torch.randint(0, 256, (n, 3, crop, crop), generator=gen, dtype=torch.uint8)  # noqa: E731
     mask = torch.randint(0, num_classes, (bl, crop, crop), generator=gen)
     pad = torch.zeros(bu, crop, crop, dtype=torch.bool)
-    return Batch(LabeledBatch(img(bl), mask), UnlabeledBatch(img(bu), pad)).to(device)
+    return Batch(LabeledBatch(img(bl), mask), UnlabeledBatch(img(bu), pad), UnlabeledBatch(img(bu), pad)).to(device)
+
+
+class Runner:
+    """One method in one variant: its nets, optimizers and autocast dtype; step() times one training step."""
+
+    def __init__(self, cfg, method, info, device, state):
+        self.cfg, self.method, self.info, self.device = cfg, method, info, device
+        nets = method.build(cfg, info)
+        for name, net in nets.items():
+            net.load_state_dict(state[name])
+        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.nets = {k: v.to(device, memory_format=fmt).train() for k, v in nets.items()}
+        self.opts = [build_optimizer(self.nets[n], cfg.optim) for n in method.TRAINED]
+        self.dtype = amp_dtype(cfg, device)
+        self.gen = torch.Generator().manual_seed(0)
+        self.batch = random_batch(cfg, info.num_classes, device, torch.Generator().manual_seed(0))
+        self.i = 0
+
+    def step(self) -> float:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        ctx = Context(self.i, 1000, self.gen, self.info, self.device, self.cfg)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            out = self.method.train_step(self.nets, self.batch, self.cfg.method, ctx)
+        out.loss.backward()
+        for o in self.opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        if hasattr(self.method, "after_step"):
+            self.method.after_step(self.nets, self.cfg.method, ctx)
+        sync()
+        self.i += 1
+        return time.perf_counter() - t
+
+
+def variant_overrides(variant: str) -> list[str]:
+    amp, _, layout = variant.partition("+")
+    if layout not in ("", "cl"):
+        raise SystemExit(f"variant {variant!r}: the layout suffix is +cl (channels_last) or nothing")
+    return [f"train.amp={amp}", f"train.channels_last={layout == 'cl'}"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("preset")
-    p.add_argument("--method", default=None)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--methods", "--method", default="supervised", help="comma-separated method names")
+    p.add_argument("--variants", default="off,bf16", help="comma-separated train.amp values, +cl for channels_last")
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", dest="overrides", nargs="*", default=[])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = list(args.overrides) + ["model.pretrained="]
-    if args.method:
-        overrides.append(f"method.name={args.method}")
-    cfg = C.load(args.preset, overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    info = dataset_info(cfg.data)
-    method = METHODS[cfg.method.name]
-    nets = {k: v.to(device).train() for k, v in method.build(cfg, info).items()}
-    if cfg.train.channels_last:
-        nets = {k: v.to(memory_format=torch.channels_last) for k, v in nets.items()}
-    opts = [build_optimizer(nets[n], cfg.optim) for n in method.TRAINED]
-    gen = torch.Generator().manual_seed(0)
-    dtype = amp_dtype(cfg, device)
-    batch = random_batch(cfg, info.num_classes, device, gen)
-    n_img = cfg.data.batch_size + (cfg.data.batch_size_u if method.USES_UNLABELED else 0)
-    times = []
-    for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        ctx = Context(i, 100, gen, info, device, cfg)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = method.train_step(nets, batch, cfg.method, ctx)
-        out.loss.backward()
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
-        if hasattr(method, "after_step"):
-            method.after_step(nets, cfg.method, ctx)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-    sec = sorted(times)[len(times) // 2]
-    print(
-        f"{args.preset} method={cfg.method.name} model={cfg.model.backbone}/{cfg.model.head} "
-        f"OS{cfg.model.output_stride} "
-        f"crop={cfg.data.crop} batch={cfg.data.batch_size}+{cfg.data.batch_size_u if method.USES_UNLABELED else 0} "
-        f"device={device}: {sec:.3f} s/step (median of {len(times)}), {n_img / sec:.2f} training images/s"
-    )
+    variants = [v for v in args.variants.split(",") if v]
+    base = list(args.overrides) + ["model.pretrained="]
+    print(f"{args.preset}: {cpu_name()}, {args.threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})")
+    for name in [m for m in args.methods.split(",") if m]:
+        cfgs = [C.load(args.preset, base + [f"method.name={name}", *variant_overrides(v)]) for v in variants]
+        cfg0 = cfgs[0]
+        device = torch.device("cuda" if torch.cuda.is_available() and cfg0.train.device != "cpu" else "cpu")
+        info = dataset_info(cfg0.data)
+        method = METHODS[name]
+        torch.manual_seed(0)
+        state = {k: v.state_dict() for k, v in method.build(cfg0, info).items()}
+        runners = [Runner(cfg, method, info, device, state) for cfg in cfgs]
+        times = [[] for _ in runners]
+        for i in range(args.warmup + args.steps):
+            for r, t in zip(runners, times):
+                sec = r.step()
+                if i >= args.warmup:
+                    t.append(sec)
+        n_img = cfg0.data.batch_size + (cfg0.data.batch_size_u if method.USES_UNLABELED else 0)
+        medians = [statistics.median(t) for t in times]
+        cells = [f"{v} {m:.3f} s ({n_img / m:.1f} img/s, x{medians[0] / m:.2f})" for v, m in zip(variants, medians)]
+        print(
+            f"{name:<11} {cfg0.model.backbone}/{cfg0.model.head} OS{cfg0.model.output_stride} crop {cfg0.data.crop} "
+            f"batch {cfg0.data.batch_size}+{cfg0.data.batch_size_u if method.USES_UNLABELED else 0}: "
+            + " | ".join(cells),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -68,9 +68,9 @@ def test_invalid_yaml_names_line(tmp_path):
 
 def test_overrides_coerce_types(tmp_path):
     p = write(tmp_path, "data:\n  crop: 100\n")
-    cfg = C.load(p, ["data.crop=321", "optim.lr=0.002", "data.scale_range=0.5,1.5", "train.channels_last=true"])
+    cfg = C.load(p, ["data.crop=321", "optim.lr=0.002", "data.scale_range=0.5,1.5", "train.channels_last=on"])
     assert cfg.data.crop == 321 and cfg.optim.lr == 0.002
-    assert cfg.data.scale_range == (0.5, 1.5) and cfg.train.channels_last is True
+    assert cfg.data.scale_range == (0.5, 1.5) and cfg.train.channels_last == "on"
     cfg = C.load(None, ["optim.lr=1e-3", "train.epochs=1/2", "eval.scales=[1.0, 2]"])
     assert cfg.optim.lr == 0.001 and cfg.train.epochs == 0.5 and cfg.eval.scales == (1.0, 2.0)
 

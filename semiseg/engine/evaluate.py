@@ -413,6 +413,7 @@ def evaluate_config(
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """`evaluate` with the settings of a run's Config (eval section, crop as default window); `mode` overrides."""
+    on_cuda = device is not None and torch.device(device).type == "cuda"
     return evaluate(
         model,
         dataset,
@@ -426,5 +427,5 @@ def evaluate_config(
         device=device,
         max_images=cfg.eval.max_images,
         amp_dtype=amp_dtype,
-        channels_last=cfg.train.channels_last,
+        channels_last=cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and on_cuda),
     )

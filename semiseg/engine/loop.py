@@ -115,9 +115,14 @@ def build_train_data(cfg: Config) -> TrainData:
     return TrainData([Part(labeled, repeat=repeat)], [Part(unlabeled)] if unlabeled is not None else [])
 
 
+def channels_last(cfg: Config, device: torch.device) -> bool:
+    """Whether train.channels_last puts networks and inputs in channels_last on `device` (auto: CUDA only)."""
+    return cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+
+
 def _prepare(net: nn.Module, device: torch.device, cfg: Config) -> nn.Module:
     net = net.to(device)
-    if cfg.train.channels_last:
+    if channels_last(cfg, device):
         net = net.to(memory_format=torch.channels_last)
     return net
 
@@ -206,7 +211,8 @@ def fit(
             checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
 
     precision = f"{dtype} autocast".replace("torch.", "") if dtype is not None else "fp32"
-    log.info(f"precision: {precision} (train.amp={cfg.train.amp}, {device.type})", False)
+    layout = "channels_last" if channels_last(cfg, device) else "contiguous"
+    log.info(f"precision: {precision} (train.amp={cfg.train.amp}), memory layout: {layout} ({device.type})", False)
     if start > 0:
         log.info(f"resuming {run_dir} at step {start}/{iters}")
         log.truncate_metrics(start)
