@@ -168,3 +168,17 @@ def test_normalisation_travels_with_the_export(tmp_path, tiny_overrides):
     # uint8 and [0, 1] inputs are the same image
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(x.float() / 255))
+
+
+def test_background_saver_writes_the_state_as_it_was_and_reraises_errors(tmp_path):
+    saver = checkpoint.BackgroundSaver()
+    w = torch.zeros(3)
+    saver.save(tmp_path / "last.pt", {"nets": {"model": {"w": w}}, "step": 5})
+    w.add_(1)  # training goes on while the file is written
+    saver.wait()
+    assert torch.equal(checkpoint.load(tmp_path / "last.pt")["nets"]["model"]["w"], torch.zeros(3))
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    saver.save(tmp_path / "blocker" / "last.pt", {"step": 1})
+    with pytest.raises(OSError):
+        saver.wait()
+    saver.wait()  # the error is reported once

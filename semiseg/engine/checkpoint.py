@@ -7,11 +7,13 @@ only tensors and plain containers, never pickled code.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import random
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,50 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def save(path: Path, state: dict) -> None:
     """torch.save `state` atomically."""
     atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of a checkpoint structure whose tensors are detached CPU clones (training may change the originals)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class BackgroundSaver:
+    """Writes checkpoints from a thread: the training step waits only for the in-memory snapshot, not for
+    serialisation and fsync (measured: 1-2 s per save of a ResNet-50 run's state on 2 CPU cores, README).
+
+    At most one write is in flight; `wait()` joins it and re-raises its error, and a new `save` waits first.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, path: Path, state: dict) -> None:
+        self.wait()
+        frozen = snapshot(state)
+
+        def write():
+            try:
+                save(path, frozen)
+            except BaseException as err:  # re-raised in the training thread by wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=write, name="semiseg-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:

@@ -259,6 +259,8 @@ def fit(
     for net in nets.values():
         net.train()
 
+    saver = checkpoint.BackgroundSaver()  # the step waits for a snapshot of the state, not for the write
+
     def save_last(step: int) -> None:
         states = {
             "step": step,
@@ -277,7 +279,7 @@ def fit(
             rngs = [my_rng]
         states["rng"] = rngs
         if dist.is_main():
-            checkpoint.save(last_path, states)
+            saver.save(last_path, states)
         dist.barrier()
 
     step = start
@@ -380,6 +382,7 @@ def fit(
     result_imgs = images_per_step * steps_this_call / max(time.perf_counter() - t_start, 1e-9)
     if step >= iters and steps_this_call > 0:
         save_last(step)
+        saver.wait()  # last.pt is complete before results.json says the run is
         if dist.is_main():
             export_name = last_eval.get("net") or method.EVAL_NETS[0]
             meta = {
@@ -414,6 +417,7 @@ def fit(
         summary = json.loads((run_dir / "results.json").read_text())
         last_eval = summary.get("last") or {}
         best = summary.get("best") or best
+    saver.wait()
     log.close()
     for s in (lab_stream, unl_stream, mix_stream):
         if s is not None:
