@@ -182,3 +182,34 @@ def test_background_saver_writes_the_state_as_it_was_and_reraises_errors(tmp_pat
     with pytest.raises(OSError):
         saver.wait()
     saver.wait()  # the error is reported once
+
+
+@pytest.mark.parametrize(
+    ("amp", "native", "expected"),
+    [("auto", True, torch.bfloat16), ("auto", False, None), ("bf16", False, torch.bfloat16), ("off", True, None)],
+)
+def test_cpu_mixed_precision_follows_the_processor(monkeypatch, amp, native, expected):
+    from semiseg.engine import loop
+
+    monkeypatch.setattr(loop, "cpu_native_bf16", lambda: native)
+    cfg = C.load(None, [f"train.amp={amp}"])
+    assert loop.amp_dtype(cfg, torch.device("cpu")) == expected
+
+
+def test_cpu_fp16_is_refused_and_yaml_off_means_off():
+    from semiseg.engine import loop
+
+    with pytest.raises(C.ConfigError, match="fp16"):
+        loop.amp_dtype(C.load(None, ["train.amp=fp16"]), torch.device("cpu"))
+    assert C.load(None, ["train.amp=off", "train.channels_last=off"]).train.amp == "off"  # YAML reads `off` as false
+    with pytest.raises(C.ConfigError, match="channels_last"):
+        C.load(None, ["train.channels_last=sometimes"])
+
+
+def test_channels_last_auto_is_cuda_only():
+    from semiseg.engine.loop import channels_last
+
+    cfg = C.load(None, [])
+    assert cfg.train.channels_last == "auto"
+    assert channels_last(cfg, torch.device("cuda")) and not channels_last(cfg, torch.device("cpu"))
+    assert channels_last(C.load(None, ["train.channels_last=on"]), torch.device("cpu"))
