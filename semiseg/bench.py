@@ -357,7 +357,12 @@ def check_run_config(run_dir: Path, cfg: Config) -> None:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return
-    old = _flat(yaml.safe_load(path.read_text()) or {})
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:  # read as typed values, so that a bool saved before a field became a string (true -> "on") compares equal
+        old = _flat(config_mod.to_dict(config_mod.from_dict(raw)))
+        old = {k: v for k, v in old.items() if k in _flat(raw)}  # keep "absent from the old file" visible
+    except ConfigError:  # a field removed since: compare the file as written
+        old = _flat(raw)
     new = _flat(config_mod.to_dict(cfg))
     defaults = _flat(config_mod.to_dict(config_mod.load(None, [f"method.name={cfg.method.name}"])))
     for key in sorted(set(old) | set(new)):

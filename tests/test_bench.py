@@ -366,3 +366,14 @@ def test_check_run_config_accepts_a_field_added_since_at_its_default(tmp_path):
     changed = config_mod.load(None, ["method.name=unimatch", "method.joint_forward=false"])
     with pytest.raises(ConfigError, match="method.joint_forward=None, this command now asks False"):
         bench.check_run_config(tmp_path, changed)
+
+
+def test_check_run_config_reads_the_old_file_as_typed_values(tmp_path):
+    # A run saved `channels_last: true` before the field took auto/on/off: the same setting as "on".
+    cfg = config_mod.load(None, ["train.channels_last=on"])
+    old = config_mod.to_dict(cfg)
+    old["train"]["channels_last"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    bench.check_run_config(tmp_path, cfg)
+    with pytest.raises(ConfigError, match="channels_last"):
+        bench.check_run_config(tmp_path, config_mod.load(None, ["train.channels_last=off"]))
