@@ -15,12 +15,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from semiseg import config as C  # noqa: E402
 from semiseg.data.batch import Batch, LabeledBatch, UnlabeledBatch  # noqa: E402
 from semiseg.data.datasets import dataset_info  # noqa: E402
 from semiseg.engine.loop import Context, amp_dtype  # noqa: E402
 from semiseg.engine.optim import build_optimizer  # noqa: E402
-from semiseg.methods import METHODS  # noqa: E402
+from semiseg.methods import METHODS, load_config  # noqa: E402
 
 
 def random_batch(cfg, num_classes, device, gen):
@@ -44,7 +43,7 @@ def main() -> None:
     overrides = list(args.overrides) + ["model.pretrained="]
     if args.method:
         overrides.append(f"method.name={args.method}")
-    cfg = C.load(args.preset, overrides)
+    cfg = load_config(args.preset, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     info = dataset_info(cfg.data)
     method = METHODS[cfg.method.name]

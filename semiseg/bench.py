@@ -34,7 +34,7 @@ import yaml
 
 from semiseg import config as config_mod
 from semiseg.config import Config, ConfigError
-from semiseg.errors import CheckpointError, DataError, TrainingError
+from semiseg.errors import CheckpointError, DataError
 
 REFERENCES = ("supervised", "full")
 """bench names of the two references: the labeled subset only, and every train label"""
@@ -248,8 +248,9 @@ def summarize(runs: dict[str, dict[str, dict]], order: Sequence[str]) -> dict[st
 def load_export(path: str | Path):
     """(cfg, model on CPU, DatasetInfo) rebuilt from a best/last.safetensors export and its embedded config."""
     from semiseg.engine.checkpoint import load_export as load
+    from semiseg.methods import METHODS
 
-    return load(path)
+    return load(path, METHODS)
 
 
 def evaluate_export(path: Path, split: str) -> dict:
@@ -264,7 +265,9 @@ def evaluate_export(path: Path, split: str) -> dict:
 
 
 def _method_fields(method: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(config_mod.method_config_class(method))}
+    from semiseg.methods import METHODS
+
+    return {f.name for f in dataclasses.fields(config_mod.method_config_class(method, METHODS))}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -359,7 +362,9 @@ def check_run_config(run_dir: Path, cfg: Config) -> None:
         return
     old = _flat(yaml.safe_load(path.read_text()) or {})
     new = _flat(config_mod.to_dict(cfg))
-    defaults = _flat(config_mod.to_dict(config_mod.load(None, [f"method.name={cfg.method.name}"])))
+    from semiseg.methods import load_config
+
+    defaults = _flat(config_mod.to_dict(load_config(None, [f"method.name={cfg.method.name}"])))
     for key in sorted(set(old) | set(new)):
         if key not in old and key in defaults and new[key] == defaults[key]:
             continue  # a field added after that run, at its default: new fields default to the old behaviour
@@ -383,36 +388,23 @@ def write_split_lists(folder: Path, labeled: list, unlabeled: list, root: str) -
     return write_split(folder, labeled, unlabeled, root)
 
 
-def read_run_result(run_dir: Path) -> dict:
-    """The results.json a finished fit (or a multi-stage run) leaves in its run folder."""
-    path = run_dir / "results.json"
-    if not path.is_file():
-        raise TrainingError(f"{path}: the run finished without writing its results")
-    return json.loads(path.read_text())
-
-
 def train_run(name: str, cfg: Config, run_dir: Path, quiet: bool = False) -> dict:
     """Train (or resume, or skip when finished) one run; its results.json."""
-    from semiseg.engine.loop import fit
+    from semiseg.engine.run import run_results, train
     from semiseg.methods import METHODS
 
     check_run_config(run_dir, cfg)
     if (run_dir / "results.json").is_file():
         print(f"bench: {run_dir} finished; skipped")
-        return read_run_result(run_dir)
+        return run_results(run_dir)
     # Two benches sharing a folder (e.g. `--methods dssn` and `--methods ctt` side by side) both need the
     # references: the second waits for the first to finish a run instead of training it twice.
     with _run_lock(run_dir):
         check_run_config(run_dir, cfg)
         if (run_dir / "results.json").is_file():
             print(f"bench: {run_dir} finished by another bench; skipped")
-            return read_run_result(run_dir)
-        method = METHODS[cfg.method.name]
-        if hasattr(method, "run"):
-            method.run(cfg, run_dir)
-        else:
-            fit(cfg, run_dir, method, quiet=quiet)
-    return read_run_result(run_dir)
+            return run_results(run_dir)
+        return train(cfg, run_dir, METHODS[cfg.method.name], quiet)
 
 
 @contextlib.contextmanager
@@ -438,7 +430,8 @@ def _run_lock(run_dir: Path):
 
 def eval_on_split(run_dir: Path, split: str) -> dict:
     """{'best': metrics, 'last': metrics} of the run's two exports on `split`, cached in run_dir/eval_<split>.json."""
-    from semiseg.engine.checkpoint import atomic_write_json, json_safe
+    from semiseg import atomic
+    from semiseg.engine.checkpoint import json_safe
 
     cache = run_dir / f"eval_{split}.json"
     exports = [run_dir / "best.safetensors", run_dir / "last.safetensors"]
@@ -449,7 +442,7 @@ def eval_on_split(run_dir: Path, split: str) -> dict:
     if cache.is_file() and cache.stat().st_mtime >= newest:
         return json.loads(cache.read_text())
     out = {"split": split, "best": evaluate_export(exports[0], split), "last": evaluate_export(exports[1], split)}
-    atomic_write_json(cache, json_safe(out))
+    atomic.write_json(cache, json_safe(out))
     return out
 
 
@@ -513,12 +506,14 @@ def run_bench(
     report: bool = True,
 ) -> dict:
     """Train every method and both references for every seed on one protocol; write results.json/.md (+ report)."""
+    from semiseg import atomic
     from semiseg.data.datasets import build_dataset, dataset_info
     from semiseg.data.splits import is_count_or_fraction, make_split
-    from semiseg.engine.checkpoint import atomic_write_json, atomic_write_text, json_safe
+    from semiseg.engine.checkpoint import json_safe
     from semiseg.engine.evaluate import describe_mode
     from semiseg.engine.log import versions
     from semiseg.engine.loop import total_iters
+    from semiseg.methods import METHODS
 
     out = Path(out)
     preset_path = _shown(resolve_preset(preset))
@@ -535,7 +530,7 @@ def run_bench(
     _check_method_keys(list(preset_method), benched, f"{preset_path}:")
     _check_method_keys([config_mod.parse_override(s)[0][1] for s in method_sets], benched, "--set")
 
-    base = config_mod.from_dict(raw, where)
+    base = config_mod.from_dict(raw, METHODS, where)
     labeled = str(labeled or base.data.labeled)
     if not is_count_or_fraction(labeled):
         raise ConfigError(f"{where}data.labeled: bench draws the labeled subset itself; give a fraction or count")
@@ -573,7 +568,7 @@ def run_bench(
                 actual, preset_method, preset_path.parent / f"{actual}.yaml", method_sets + own_method, where
             )
             run_raw = config_mod.apply_overrides(run_raw, [t for t in own_sets if not t.startswith("method.")])
-            configs[(name, seed)] = config_mod.from_dict(run_raw, where)
+            configs[(name, seed)] = config_mod.from_dict(run_raw, METHODS, where)
 
     first = configs[("supervised", seeds[0])]
     sample = eval_set[0]
@@ -630,8 +625,8 @@ def run_bench(
         results["runs"].setdefault(name, {})[str(seed)] = record
         results["summary"] = summarize(results["runs"], order)
         # Written after every run, so that a long bench can be inspected (and reported) while it goes.
-        atomic_write_json(out / "results.json", json_safe(results))
-        atomic_write_text(out / "results.md", format_markdown(results))
+        atomic.write_json(out / "results.json", json_safe(results))
+        atomic.write_text(out / "results.md", format_markdown(results))
     if report:
         from semiseg.report import write_report
 

@@ -3,7 +3,9 @@
 A run is described by one `Config` with six sections (data, model, optim, train, eval, method).
 YAML presets are loaded strictly: an unknown key or a value of the wrong type is one `ConfigError`
 naming the key and the file. `--set a.b=c` overrides are parsed as YAML scalars and coerced to the
-field's type. The `method` section is validated against the chosen method's own `Config` class.
+field's type. The `method` section is validated against the chosen method's own `Config` class, looked up in the
+`methods` table the caller passes (semiseg.methods.METHODS; `semiseg.methods.load_config` passes it), so this
+module imports no method.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -235,13 +238,11 @@ class Config:
 SECTIONS = ("data", "model", "optim", "train", "eval", "method")
 
 
-def method_config_class(name: str, where: str = "") -> type:
-    """The Config dataclass of method `name`."""
-    from semiseg.methods import METHODS
-
-    if name not in METHODS:
-        raise ConfigError(f"{where}method.name: unknown method {name!r}; choose from {', '.join(METHODS)}")
-    return METHODS[name].Config
+def method_config_class(name: str, methods: Mapping[str, Any], where: str = "") -> type:
+    """The Config dataclass of method `name` in `methods` (name -> anything with a `Config` class)."""
+    if name not in methods:
+        raise ConfigError(f"{where}method.name: unknown method {name!r}; choose from {', '.join(methods)}")
+    return methods[name].Config
 
 
 def _type_name(tp: Any) -> str:
@@ -335,8 +336,9 @@ def _build(cls: type, values: dict, prefix: str, where: str) -> Any:
         raise ConfigError(f"{where}{prefix.rstrip('.') or cls.__name__}: {err}") from None
 
 
-def from_dict(raw: dict, where: str = "") -> Config:
-    """Build a Config from a nested mapping; `where` prefixes error messages (e.g. 'configs/x.yaml: ')."""
+def from_dict(raw: dict, methods: Mapping[str, Any], where: str = "") -> Config:
+    """Build a Config from a nested mapping, the method section by `methods[name].Config`; `where` prefixes error
+    messages (e.g. 'configs/x.yaml: ')."""
     raw = dict(raw or {})
     for key in raw:
         if key not in SECTIONS:
@@ -345,7 +347,7 @@ def from_dict(raw: dict, where: str = "") -> Config:
     name = method_raw.get("name", MethodConfig.name)
     if not isinstance(name, str):
         raise ConfigError(f"{where}method.name: expected str, got {name!r}")
-    method_cls = method_config_class(name, where)
+    method_cls = method_config_class(name, methods, where)
     cfg = _build(Config, raw, "", where)
     method = _build(method_cls, method_raw, "method.", where)
     return dataclasses.replace(cfg, method=method)
@@ -428,17 +430,18 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML preset (or defaults when `path` is None) and apply `--set` overrides."""
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...], methods: Mapping[str, Any]) -> Config:
+    """Load a YAML preset (or defaults when `path` is None), apply `--set` overrides, validate against `methods`."""
     raw = read_yaml(path) if path else {}
     raw = apply_overrides(raw, list(overrides))
     where = f"{path}: " if path else ""
-    return from_dict(raw, where)
+    return from_dict(raw, methods, where)
 
 
 def replace(cfg: Config, **sections: dict) -> Config:
-    """Copy of `cfg` with some fields of some sections replaced: replace(cfg, optim={'lr': 0.1})."""
-    raw = to_dict(cfg)
+    """Copy of `cfg` with some fields of some sections replaced: replace(cfg, optim={'lr': 0.1}); validated."""
+    out = {}
     for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return from_dict(raw)
+        current = getattr(cfg, section)
+        out[section] = _build(type(current), {**to_dict(current), **values}, f"{section}.", "")
+    return dataclasses.replace(cfg, **out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from semiseg.data.augment import mix
+from semiseg.data.info import IGNORE
 
 
 def pseudo_label(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,14 +55,38 @@ def roll(t: torch.Tensor) -> torch.Tensor:
     return t.roll(1, dims=0)
 
 
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int = IGNORE) -> torch.Tensor:
+    """(C, C) int64 pixel counts, rows = ground truth, columns = prediction; `ignore` pixels excluded.
+
+    pred, target: integer tensors of one shape on one device. A target value >= C other than `ignore` is a
+    ValueError (a silently dropped label would hide a dataset bug).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    c = num_classes
+    target = target.long()
+    # Ignored pixels go to bucket 0 and real pairs to 1..C*C, so any label >= C lengthens the bincount.
+    index = torch.where(target != ignore, c * target + pred.long() + 1, 0)
+    counts = torch.bincount(index.flatten(), minlength=c * c + 1)
+    if counts.numel() > c * c + 1:
+        raise ValueError(f"label values outside 0..{c - 1} that are not the ignore index {ignore}")
+    return counts[1:].reshape(c, c)
+
+
+def class_iou(tp: torch.Tensor, predicted: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+    """IoU per class (C,) float64 = TP / (predicted + actual - TP) from per-class pixel counts (C,) each; NaN for a
+    class absent from prediction and ground truth (0 / 0), which nan-means then leave out."""
+    tp = tp.double()
+    return tp / (predicted.double() + actual.double() - tp)
+
+
 def map_miou(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> torch.Tensor:
     """mIoU in [0, 1] of label map `pred` against `ref` (same shape, integer): the nan-mean over classes present in
     either map (ST++'s meanIOU); pixels with a value outside 0..num_classes-1 in either map are left out; scalar."""
     c = num_classes
     valid = (ref >= 0) & (ref < c) & (pred >= 0) & (pred < c)
-    cm = torch.bincount((ref[valid] * c + pred[valid]).long(), minlength=c * c).view(c, c).double()
-    tp = cm.diag()
-    return (tp / (cm.sum(0) + cm.sum(1) - tp)).nanmean()
+    cm = confusion_matrix(pred[valid], ref[valid], c)
+    return class_iou(cm.diag(), cm.sum(0), cm.sum(1)).nanmean()
 
 
 def stability_score(preds: torch.Tensor, num_classes: int) -> torch.Tensor:

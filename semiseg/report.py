@@ -328,7 +328,7 @@ def pseudo_label_html(results: dict) -> str:
 
 def write_report(bench_dir: str | Path, n_images: int = 4, data_root: str | None = None) -> Path:
     """Write bench_dir/report.html from results.json, the runs' metrics.jsonl and best exports; its path."""
-    from semiseg.engine.checkpoint import atomic_write_text
+    from semiseg import atomic
 
     bench_dir = Path(bench_dir)
     results = read_results(bench_dir)
@@ -362,5 +362,5 @@ def write_report(bench_dir: str | Path, n_images: int = 4, data_root: str | None
 </body></html>
 """
     path = bench_dir / "report.html"
-    atomic_write_text(path, page)
+    atomic.write_text(path, page)
     return path

@@ -84,8 +84,9 @@ def run_losses(name: str, root: Path) -> dict[str, dict[str, list[float]]]:
     """Train RUNS[name] through `semiseg train`; {stage folder ('' = the run): {train/* key: [value per step]}}."""
     from semiseg import cli
     from semiseg import config as config_mod
+    from semiseg.methods import load_config
 
-    cfg = config_mod.load(None, TINY + FIXED + RUNS[name])
+    cfg = load_config(None, TINY + FIXED + RUNS[name])
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config_mod.to_dict(cfg)))
     out = root / name

@@ -1,17 +1,21 @@
-"""Models from a ModelConfig: BACKBONES and HEADS are explicit dicts from config names to constructors.
+"""Networks from a ModelConfig: BACKBONES and HEADS are explicit dicts from config names to constructors.
 
 model = build_model(cfg.model, info.num_classes)       # Segmentor; loads cfg.pretrained into the backbone
 logits = model(x)                                       # (B, K, H, W)
+
+The networks of methods that need more than a Segmentor are built here too, from their own modules: BST's
+branch network (branch.py, build_branch_net) and SWDBN's dual-branch network (dual_branch.py, build_dual_branch).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
 from semiseg.config import ConfigError, ModelConfig
+from semiseg.models.branch import BRANCH_KINDS, BranchAttentionFusion, BranchNet, PyramidPoolingHead
 from semiseg.models.deeplab import (
     CTTDeepLabV2Head,
     DeepLabV2Head,
@@ -20,6 +24,7 @@ from semiseg.models.deeplab import (
     default_rates,
 )
 from semiseg.models.dpt import DPTHead, dpt_widths
+from semiseg.models.dual_branch import DualBranchNet
 from semiseg.models.mobilenetv2 import MobileNetV2, build_mobilenet_v2
 from semiseg.models.pretrained import (
     LoadReport,
@@ -29,7 +34,7 @@ from semiseg.models.pretrained import (
     weights_normalization,
 )
 from semiseg.models.resnet import STEMS, ResNet, build_resnet
-from semiseg.models.segmentor import IMAGENET_MEAN, IMAGENET_STD, MAIN, InputNorm, Segmentor, upsample
+from semiseg.models.segmentor import IMAGENET_MEAN, IMAGENET_STD, InputNorm, Segmentor, upsample
 from semiseg.models.vit import build_dinov2
 from semiseg.models.xception import Xception, build_xception
 
@@ -137,18 +142,48 @@ def build_head(cfg: ModelConfig, channels: Sequence[int], num_classes: int, head
     return HEADS[name](cfg, tuple(channels), num_classes, rates)
 
 
-def build_model(cfg: ModelConfig, num_classes: int, extra_heads: Mapping[str, str] | None = None) -> Segmentor:
-    """Backbone + cfg.head (+ extra heads by head name, e.g. {"context": "deeplabv3"}); loads cfg.pretrained."""
+def build_model(cfg: ModelConfig, num_classes: int) -> Segmentor:
+    """Backbone + cfg.head; loads cfg.pretrained."""
     backbone, input_norm = build_encoder(cfg)
     head = build_head(cfg, backbone.channels, num_classes)
-    extras = {name: build_head(cfg, backbone.channels, num_classes, kind) for name, kind in (extra_heads or {}).items()}
-    return Segmentor(backbone, head, cfg.fp_dropout, extras, cfg.proj_dim, input_norm)
+    return Segmentor(backbone, head, cfg.fp_dropout, cfg.proj_dim, input_norm)
+
+
+def build_branch(kind: str, cfg: ModelConfig, channels: Sequence[int], num_classes: int) -> nn.Module:
+    """A BST decoder branch of the given kind (BRANCH_KINDS) on a backbone with these feature channels."""
+    if kind == "context":
+        return build_head(cfg, channels, num_classes, "deeplabv3")
+    if kind == "detail":
+        return build_head(cfg, channels, num_classes, "deeplabv3plus")
+    if kind == "pyramid":
+        return PyramidPoolingHead(channels, num_classes, cfg.head_channels, dropout=cfg.dropout)
+    raise ValueError(f"unknown branch kind {kind!r}; choose from {', '.join(BRANCH_KINDS)}")
+
+
+def build_branch_net(
+    cfg: ModelConfig, num_classes: int, branches: Sequence[str], mode: str = "shared", reduction: int = 4
+) -> BranchNet:
+    """BST's BranchNet: one encoder (shared) or one per branch (separate), loading cfg.pretrained into each."""
+    encoders, norms = zip(*[build_encoder(cfg) for _ in range(1 if mode == "shared" else len(branches))])
+    heads = [build_branch(kind, cfg, encoders[0].channels, num_classes) for kind in branches]
+    fusion = BranchAttentionFusion(cfg.head_channels, len(branches), num_classes, reduction)
+    return BranchNet(encoders, heads, fusion, norms[0])
+
+
+def build_dual_branch(
+    cfg: ModelConfig, num_classes: int, neck_depth: int, branch_depth: int, dual: bool = True
+) -> DualBranchNet:
+    """SWDBN's network on cfg.backbone (pretrained loaded); neck and branches cfg.head_channels wide."""
+    backbone, input_norm = build_encoder(cfg)
+    return DualBranchNet(backbone, num_classes, cfg.head_channels, neck_depth, branch_depth, dual, input_norm)
 
 
 __all__ = [
     "BACKBONES",
+    "BRANCH_KINDS",
     "HEADS",
-    "MAIN",
+    "BranchNet",
+    "DualBranchNet",
     "InputNorm",
     "LoadReport",
     "MobileNetV2",
@@ -156,6 +191,8 @@ __all__ = [
     "Segmentor",
     "Xception",
     "build_backbone",
+    "build_branch_net",
+    "build_dual_branch",
     "build_encoder",
     "build_head",
     "build_model",
