@@ -6,6 +6,7 @@ Shapes: logits (B, C, H, W); label (B, H, W) long; conf (B, H, W) float; pad / b
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from semiseg.data.augment import mix
 from semiseg.data.info import IGNORE
@@ -166,3 +167,35 @@ def fifo_push(bank: torch.Tensor, ptr: torch.Tensor, items: torch.Tensor) -> tup
     kept = items[-size:].to(bank.dtype)
     slots = (ptr + (n - kept.shape[0]) + torch.arange(kept.shape[0], device=bank.device)) % size
     return bank.index_copy(0, slots, kept), (ptr + n) % size
+
+
+def sample_pixels(
+    maps: list[torch.Tensor], valid: torch.Tensor, n: int, gen: torch.Generator
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Up to n random valid pixels per image, the same pixels from every map (B, D, h, w): ([(B, n', D), ...], valid
+    (B, n')), n' = min(n, h w). valid (B, H, W) bool is resized to (h, w) (nearest); invalid pixels are drawn only
+    when an image has fewer than n' valid ones, and are marked so. Drawn on the CPU from `gen`."""
+    b, _, h, w = maps[0].shape
+    valid = F.interpolate(valid[:, None].float(), size=(h, w), mode="nearest")[:, 0].bool().flatten(1)
+    n = min(n, h * w)
+    score = torch.rand(b, h * w, generator=gen).to(valid.device).masked_fill(~valid, 2.0)
+    idx = score.topk(n, dim=1, largest=False).indices
+    picked = [m.flatten(2).gather(2, idx[:, None].expand(-1, m.shape[1], -1)).transpose(1, 2) for m in maps]
+    return picked, valid.gather(1, idx)
+
+
+def resize_nearest(x: torch.Tensor, size) -> torch.Tensor:
+    """(B, H, W) map of any dtype -> (B, *size), nearest (how the reference code downsamples labels to features)."""
+    return F.interpolate(x[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(x.dtype)
+
+
+def pixels(feat: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """The feature vectors (M, D) of feat (B, D, h, w) at the M pixels where (B, h, w) is set."""
+    return feat.permute(0, 2, 3, 1)[where]
+
+
+def subsample(n: int, limit: int, gen: torch.Generator, device) -> torch.Tensor | None:
+    """Indices of a random subset of `limit` of n rows (CPU generator), or None to keep all (limit 0 or n <= limit)."""
+    if limit <= 0 or n <= limit:
+        return None
+    return torch.randperm(n, generator=gen)[:limit].to(device)

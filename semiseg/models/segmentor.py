@@ -7,6 +7,7 @@ Return types never depend on a flag: each kind of output has its own method.
   model.features(x)              -> feat (B, D, h, w), the head's pre-classifier map
   model.forward_with_features(x) -> (logits, feat)
   model.forward_fp(x, n)         -> (logits, [fp_logits_1 .. fp_logits_n])   UniMatch/DSSN feature perturbation
+  model.forward_fp_features(x, n) -> (logits, [fp_logits..], feat of all n+1 streams)   DSSN's InfoNCE alignment
   model.encode(x)                -> [c1, c2, c3, c4] for methods that decode the encoder output themselves
   model.project(feat)            -> (B, proj_dim, h, w) when built with proj_dim > 0
 """
@@ -108,6 +109,12 @@ class Segmentor(nn.Module):
         feat = self.head.fp_features(self.encode(x), n, self.fp_dropout)
         logits = upsample(self.head.classifier(feat), x.shape[-2:]).chunk(n + 1)
         return logits[0], list(logits[1:])
+
+    def forward_fp_features(self, x: Tensor, n: int = 1) -> tuple[Tensor, list[Tensor], Tensor]:
+        """forward_fp that also returns the decoded features ((n+1)B, D, h, w) of the clean and perturbed streams."""
+        feat = self.head.fp_features(self.encode(x), n, self.fp_dropout)
+        logits = upsample(self.head.classifier(feat), x.shape[-2:]).chunk(n + 1)
+        return logits[0], list(logits[1:]), feat
 
     def project(self, feat: Tensor) -> Tensor:
         """feat (B, D, h, w) -> (B, proj_dim, h, w) through the projection head."""
