@@ -60,6 +60,13 @@ def masked_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, 
     return (per_pixel * w).sum() / valid.sum().clamp(min=1)
 
 
+def softmax_mse(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean Teacher's consistency: the squared distance sum_c (softmax(logits) - target)^2 per pixel, averaged over
+    the valid pixels; logits (B, C, H, W), target probabilities (B, C, H, W) (detach them), valid (B, H, W) bool."""
+    per_pixel = (logits.float().softmax(1) - target.float()).square().sum(1)
+    return (per_pixel * valid.float()).sum() / valid.sum().clamp(min=1)
+
+
 def standardized_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """DSSN's alignment: MSE between per-pixel standardised logits, z = (x - mean_c) / std_c (unbiased std).
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from semiseg.data.augment import mix
 from semiseg.data.info import IGNORE
 
 
@@ -22,19 +21,6 @@ def pseudo_label(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def confident(conf: torch.Tensor, tau: float) -> torch.Tensor:
     """Float weight 1[conf >= tau]; tau = 0 keeps every pixel."""
     return (conf >= tau).float()
-
-
-def cutmix_targets(
-    label: torch.Tensor,
-    conf: torch.Tensor,
-    pad: torch.Tensor,
-    label_p: torch.Tensor,
-    conf_p: torch.Tensor,
-    pad_p: torch.Tensor,
-    box: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Targets of a CutMix-composed strong view: inside `box` the partner's label, confidence and padding."""
-    return mix(label, label_p, box), mix(conf, conf_p, box), mix(pad, pad_p, box)
 
 
 def mask_ratio(conf: torch.Tensor, tau: float, pad: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from method_helpers import ctx_at, method_nets, random_batch
 from semiseg import config as C
 from semiseg.losses import bank_info_nce, paired_info_nce, peer_info_nce
 from semiseg.methods import ctt
+from semiseg.models.memory_bank import MemoryBank
 from semiseg.ops import fifo_push
 
 
@@ -49,7 +50,7 @@ def test_fifo_push_evicts_the_oldest_and_wraps_the_pointer():
 
 
 def test_memory_bank_counts_fill_and_normalises():
-    bank = ctt.MemoryBank(num_classes=3, size=4, dim=2)
+    bank = MemoryBank(num_classes=3, size=4, dim=2)
     bank.push(1, torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
     assert bank.count.tolist() == [0, 2, 0] and bank.valid()[1].tolist() == [True, True, False, False]
     assert torch.allclose(bank.feats[1, 0], torch.tensor([0.6, 0.8]))
@@ -216,13 +217,17 @@ def test_contrast_waits_for_every_class_or_the_warmup_step(tiny_overrides):
     assert out.logs["train/contrast_on"] == 0 and out.logs["train/loss_high"] == 0
     out = ctt.train_step(nets, batch, cfg.method, ctx_at(cfg, info, 3))
     assert out.logs["train/contrast_on"] == 1
+    no_warmup = C.replace(cfg, method={"bank_warmup_steps": 0}).method
     for cls in range(info.num_classes - 1):
         nets["bank_a"].push(cls, torch.ones(1, nets["bank_a"].feats.shape[2]))
         nets["bank_b"].push(cls, torch.ones(1, nets["bank_b"].feats.shape[2]))
-    assert not ctt._contrast_ready(nets, cfg.method.__class__(), 0)  # one class still empty
+    out = ctt.train_step(copy.deepcopy(nets), batch, no_warmup, ctx_at(cfg, info, 0))
+    assert out.logs["train/contrast_on"] == 0  # one class still empty
     nets["bank_a"].push(info.num_classes - 1, torch.ones(1, nets["bank_a"].feats.shape[2]))
+    assert not nets["bank_b"].filled() and nets["bank_a"].filled()
     nets["bank_b"].push(info.num_classes - 1, torch.ones(1, nets["bank_b"].feats.shape[2]))
-    assert ctt._contrast_ready(nets, cfg.method.__class__(), 0)
+    out = ctt.train_step(copy.deepcopy(nets), batch, no_warmup, ctx_at(cfg, info, 0))
+    assert out.logs["train/contrast_on"] == 1
 
 
 def test_after_step_ema_and_bank_feed(tiny_overrides):

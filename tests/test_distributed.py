@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from semiseg import config as C
+from semiseg.methods import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ def run(args, cwd, nproc=1):
 
 
 def test_torchrun_two_processes(tmp_path, tiny_overrides):
-    cfg = C.load(None, tiny_overrides + ["train.iters=4", "eval.every=2", "eval.max_images=0", "train.device=cpu"])
+    cfg = load_config(None, tiny_overrides + ["train.iters=4", "eval.every=2", "eval.max_images=0", "train.device=cpu"])
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(C.to_dict(cfg)))
 

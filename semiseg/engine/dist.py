@@ -81,22 +81,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if is_dist():
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-        t /= world_size()
-    return t
-
-
-def broadcast_object(obj):
-    """Rank 0's Python object on every rank."""
-    if not is_dist():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def shard(n: int) -> range:
     """Indices of `n` items this rank handles: rank, rank + world, ...; no item twice, none padded."""
     return range(rank(), n, world_size())

@@ -429,7 +429,7 @@ def fit(
     meter = Meter()
     eval_every = cfg.eval.every
     ckpt_every = cfg.train.ckpt_every or eval_every or max(iters // 10, 1)
-    snapshot_at = {s: k for k, s in enumerate(snapshot_steps(iters, snapshots), 1)} if snapshots else {}
+    snapshot_at = list(enumerate(snapshot_steps(iters, snapshots), 1)) if snapshots else []
     t_start = time.perf_counter()
     steps_this_call = 0
     if device.type == "cuda":
@@ -460,9 +460,9 @@ def fit(
         do_eval = val_set is not None and ((eval_every > 0 and step % eval_every == 0) or step == iters)
         if do_eval:
             last_eval = _evaluate(state, method, val_set, cfg, info, device, dtype, log, run_dir)
-        if step in snapshot_at and dist.is_main():
-            meta = export_meta(cfg, info, "model", step, snapshot=snapshot_at[step])
-            checkpoint.export_model(run_dir / snapshot_name(snapshot_at[step]), state.nets["model"], meta)
+        for k in (k for k, at in snapshot_at if at == step and dist.is_main()):
+            meta = export_meta(cfg, info, "model", step, snapshot=k)
+            checkpoint.export_model(run_dir / snapshot_name(k), state.nets["model"], meta)
         if (do_eval or (ckpt_every > 0 and step % ckpt_every == 0)) and step < iters:
             _save_last(state, last_path, cfg, state.seconds + time.perf_counter() - t_start)
 

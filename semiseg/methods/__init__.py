@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from semiseg import config
-from semiseg.methods import bst, ctt, dssn, fixmatch, st, supervised, swdbn, unimatch, unimatch_v2
+from semiseg.methods import bst, ctt, dssn, fixmatch, mean_teacher, st, supervised, swdbn, unimatch, unimatch_v2
 
 METHODS = {
     "supervised": supervised,
+    "mean_teacher": mean_teacher,
     "fixmatch": fixmatch,
     "unimatch": unimatch,
     "dssn": dssn,

@@ -113,15 +113,14 @@ def build(cfg, info):
     return nets
 
 
-def _contrast_ready(nets, cfg: Config, step: int) -> bool:
-    """Every class has entries in both banks (the reference waited for full banks), or bank_warmup_steps has come."""
-    filled = lambda: bool(torch.stack([(nets[b].count > 0).all() for _, _, b in PAIRS]).all())  # noqa: E731
-    return (cfg.bank_warmup_steps > 0 and step >= cfg.bank_warmup_steps) or filled()
+@torch.no_grad()
+def _feature_probs(model, feat: torch.Tensor) -> torch.Tensor:
+    """Softmax (B, C, h, w) of the classifier at feature resolution: pixel selection only."""
+    return unwrap(model).head.classifier(feat.detach()).float().softmax(1)
 
 
 def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
-    l, u = batch.l, batch.u
-    partner = partners(batch)
+    l, u, partner = batch.l, batch.u, partners(batch)
 
     # Teachers stay in train mode (the reference never calls eval on them) and never receive gradients.
     prob, prob_partner = {}, {}
@@ -135,7 +134,8 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
         mixed, pad = mix(partner.image, u.image, keep), mix(partner.pad, u.pad, keep)
 
     contrast = cfg.contrast and (cfg.w_high > 0 or cfg.w_low > 0)
-    active = contrast and _contrast_ready(nets, cfg, ctx.step)
+    # the reference waited for full banks; here every class needs an entry in both, or bank_warmup_steps has come
+    active = contrast and (0 < cfg.bank_warmup_steps <= ctx.step or all(nets[b].filled() for _, _, b in PAIRS))
     out, total = {}, 0.0
     for k, (student, _, bank) in enumerate(PAIRS):
         peer_teacher = PAIRS[1 - k][1]
@@ -147,11 +147,9 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
         loss_x = supervised_loss(logits_l, l.mask, cfg.criterion, cfg.ohem_thresh, cfg.ohem_min_kept)
         loss_u = masked_ce(logits_u, label, omega.expand_as(conf), ~pad)
         size = feat_u.shape[-2:]
-        out[student] = dict(loss_x=loss_x, loss_u=loss_u, omega=omega, label=label, feat_l=feat_l, feat_u=feat_u)
-        out[student].update(conf_f=resize_nearest(conf, size), label_f=resize_nearest(label, size))
-        with torch.no_grad():  # the classifier's softmax at feature resolution: pixel selection only
-            out[student]["probs_u"] = unwrap(nets[student]).head.classifier(feat_u.detach()).float().softmax(1)
-        out[student].update(loss_high=0.0, loss_low=0.0)
+        out[student] = dict(loss_x=loss_x, loss_u=loss_u, omega=omega, label=label, feat_l=feat_l, feat_u=feat_u,
+                            conf_f=resize_nearest(conf, size), label_f=resize_nearest(label, size),
+                            probs_u=_feature_probs(nets[student], feat_u), loss_high=0.0, loss_low=0.0)  # fmt: skip
         total = total + loss_x + cfg.w_u * loss_u
         if contrast:
             nets[bank].pending = (l.image, l.mask)
@@ -175,9 +173,7 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
                     cfg.tau_low, cfg.max_anchors, ctx.gen)  # fmt: skip
             total = total + cfg.w_high * me["loss_high"] + cfg.w_low * me["loss_low"]
 
-    def mean(key):
-        return sum(torch.as_tensor(o[key]).detach() for o in out.values()) / 2
-
+    mean = lambda key: sum(torch.as_tensor(o[key]).detach() for o in out.values()) / 2  # noqa: E731
     logs = {f"train/{key}": mean(key) for key in ("loss_x", "loss_u", "loss_high", "loss_low")}
     logs.update({"train/mask_ratio": mean("omega"), "train/contrast_on": float(active)})
     if contrast:

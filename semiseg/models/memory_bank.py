@@ -25,6 +25,10 @@ class MemoryBank(nn.Module):
         """bool (C, N): the filled slots."""
         return torch.arange(self.feats.shape[1], device=self.feats.device)[None, :] < self.count[:, None]
 
+    def filled(self) -> bool:
+        """Every class has at least one entry."""
+        return bool((self.count > 0).all())
+
     @torch.no_grad()
     def push(self, cls: int, items: torch.Tensor) -> None:
         """Append items (n, D) to class cls's queue, evicting the oldest past capacity."""
