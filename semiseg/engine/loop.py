@@ -207,6 +207,28 @@ def _resume(state: _State, path: Path) -> None:
     state.step, state.best, state.seconds = saved["step"], saved["best"], saved.get("seconds", 0.0)
 
 
+def _resume_or_start(state: _State, cfg: Config, run_dir: Path, log: RunLog, iters: int, dtype, device) -> None:
+    """Resume from run_dir/last.pt (state, RNG, metrics cut to its step), or log the config and write config.yaml."""
+    last_path = run_dir / "last.pt"
+    if last_path.is_file():
+        _resume(state, last_path)
+        if state.step >= iters and (run_dir / "results.json").is_file():
+            log.info(f"{run_dir}: already finished ({iters} steps); nothing to do")
+    else:
+        log.info(
+            f"run folder {run_dir}\nconfig:\n{config_mod.dump(cfg)}seed {cfg.train.seed}\nversions {versions()}", False
+        )
+        log.info(f"run folder {run_dir} (resolved config: {run_dir / 'config.yaml'}, log: {run_dir / 'log.txt'})")
+        if dist.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(run_dir / "config.yaml", config_mod.dump(cfg))
+    precision = f"{dtype} autocast".replace("torch.", "") if dtype is not None else "fp32"
+    log.info(f"precision: {precision} (train.amp={cfg.train.amp}, {device.type})", False)
+    if state.step > 0:
+        log.info(f"resuming {run_dir} at step {state.step}/{iters}")
+        log.truncate_metrics(state.step)
+
+
 def _save_last(state: _State, path: Path, cfg: Config, seconds: float) -> None:
     """Write `last.pt` (rank 0) with every rank's RNG state; all ranks wait for it."""
     saved = {
@@ -402,25 +424,8 @@ def fit(
     iters = total_iters(cfg, n_lab, n_unl, dist.world_size())
 
     last_path = run_dir / "last.pt"
-    if last_path.is_file():
-        _resume(state, last_path)
-        if state.step >= iters and (run_dir / "results.json").is_file():
-            log.info(f"{run_dir}: already finished ({iters} steps); nothing to do")
-    else:
-        log.info(
-            f"run folder {run_dir}\nconfig:\n{config_mod.dump(cfg)}seed {cfg.train.seed}\nversions {versions()}", False
-        )
-        log.info(f"run folder {run_dir} (resolved config: {run_dir / 'config.yaml'}, log: {run_dir / 'log.txt'})")
-        if dist.is_main():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(run_dir / "config.yaml", config_mod.dump(cfg))
-    precision = f"{dtype} autocast".replace("torch.", "") if dtype is not None else "fp32"
-    log.info(f"precision: {precision} (train.amp={cfg.train.amp}, {device.type})", False)
+    _resume_or_start(state, cfg, run_dir, log, iters, dtype, device)
     start = state.step
-    if start > 0:
-        log.info(f"resuming {run_dir} at step {start}/{iters}")
-        log.truncate_metrics(start)
-
     _wrap_for_training(state.nets, method, cfg, device)
     streams = _open_streams(cfg, data, method.USES_UNLABELED, start, device)
     d = cfg.data
@@ -460,9 +465,10 @@ def fit(
         do_eval = val_set is not None and ((eval_every > 0 and step % eval_every == 0) or step == iters)
         if do_eval:
             last_eval = _evaluate(state, method, val_set, cfg, info, device, dtype, log, run_dir)
-        for k in (k for k, at in snapshot_at if at == step and dist.is_main()):
-            meta = export_meta(cfg, info, "model", step, snapshot=k)
-            checkpoint.export_model(run_dir / snapshot_name(k), state.nets["model"], meta)
+        if dist.is_main():
+            for k in [k for k, at in snapshot_at if at == step]:
+                meta = export_meta(cfg, info, "model", step, snapshot=k)
+                checkpoint.export_model(run_dir / snapshot_name(k), state.nets["model"], meta)
         if (do_eval or (ckpt_every > 0 and step % ckpt_every == 0)) and step < iters:
             _save_last(state, last_path, cfg, state.seconds + time.perf_counter() - t_start)
 
