@@ -180,16 +180,21 @@ class _State:
     """training seconds of earlier calls (resume)"""
 
 
-def _build_nets(cfg: Config, method, info: DatasetInfo, device: torch.device, nets) -> dict[str, nn.Module]:
-    """The method's networks (or `nets`) on the device; SyncBatchNorm under torchrun when model.sync_bn."""
+def build_nets(cfg: Config, method, info: DatasetInfo, device: torch.device, nets=None) -> dict[str, nn.Module]:
+    """The method's networks (or `nets`) on the device, built under torch.manual_seed(train.seed).
+
+    Under torchrun with model.sync_bn, every net whose BatchNorm runs on batch statistics gets SyncBatchNorm: the
+    TRAINED nets and the method's TRAIN_MODE_TEACHERS (teachers the reference runs in train mode and synchronises over
+    all GPUs, e.g. DSSN's and CTT's), so their statistics are those of the whole batch, not of one GPU's share.
+    """
     torch.manual_seed(cfg.train.seed)
     nets = nets if nets is not None else method.build(cfg, info)
     nets = {name: net.to(device) for name, net in nets.items()}
     if cfg.train.channels_last:
         nets = {name: net.to(memory_format=torch.channels_last) for name, net in nets.items()}
     if dist.world_size() > 1 and cfg.model.sync_bn:
-        for name in method.TRAINED:
-            nets[name] = nn.SyncBatchNorm.convert_sync_batchnorm(nets[name])
+        for name in (*method.TRAINED, *getattr(method, "TRAIN_MODE_TEACHERS", ())):
+            nets[name] = dist.sync_batchnorm(nets[name], device)
     return nets
 
 
@@ -410,7 +415,7 @@ def fit(
     if val_set is None and cfg.data.val_split:
         val_set = build_dataset(cfg.data, cfg.data.val_split)
 
-    built = _build_nets(cfg, method, info, device, nets)
+    built = build_nets(cfg, method, info, device, nets)
     optimizers = {name: build_optimizer(built[name], cfg.optim) for name in method.TRAINED}
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None

@@ -97,6 +97,8 @@ class Config(MethodConfig):
 TRAINED = ("student_a", "student_b")
 EVAL_NETS = ("student_a", "student_b")
 USES_UNLABELED = True
+TRAIN_MODE_TEACHERS = ("teacher_a", "teacher_b")
+"""teachers in train mode (BatchNorm on batch statistics): SyncBatchNorm with the students under model.sync_bn"""
 
 
 def build(cfg, info):

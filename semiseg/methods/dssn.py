@@ -95,6 +95,8 @@ class Config(MethodConfig):
 TRAINED = ("student",)
 EVAL_NETS = ("student", "teacher")
 USES_UNLABELED = True
+TRAIN_MODE_TEACHERS = ("teacher",)
+"""teachers in train mode (BatchNorm on batch statistics): SyncBatchNorm with the students under model.sync_bn"""
 
 
 def build(cfg, info):
