@@ -10,7 +10,7 @@ from semiseg import config as C
 from semiseg.engine import checkpoint
 from semiseg.engine.ema import ema_update, mean_teacher_keep
 from semiseg.engine.loop import StepOut, TrainData, fit, snapshot_name, snapshot_steps
-from semiseg.engine.optim import build_optimizer, param_groups, poly_lr
+from semiseg.engine.optim import build_optimizer, param_groups, poly_lr, set_lr
 from semiseg.engine.run import TrainStage, WorkStage, train
 from semiseg.errors import CheckpointError, TrainingError
 from semiseg.methods import load_config, supervised
@@ -281,3 +281,29 @@ def test_stages_run_in_order_resume_and_the_last_training_stage_is_the_run(tmp_p
     stamp = (run / "3_student" / "last.safetensors").stat().st_mtime_ns
     again = train(cfg, run, TwoStages)
     assert again["best"] == results["best"] and (run / "3_student" / "last.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_as_run_schedule_moves_only_the_backbone_groups():
+    # CTT's DeepLabV3+ script updates param_groups[0] (lr) and [1] (lr x 10) only; heads stay at the base lr
+    net = TwoPart()
+    poly = C.OptimConfig(lr=0.1, head_lr_mult=10, no_decay_norm_bias=True)
+    as_run = C.OptimConfig(lr=0.1, head_lr_mult=10, no_decay_norm_bias=True, schedule="poly_backbone_only")
+    for cfg, expected in (
+        (poly, {"backbone": 0.05, "backbone_no_decay": 0.05, "head": 0.5, "head_no_decay": 0.5}),
+        (as_run, {"backbone": 0.05, "backbone_no_decay": 0.5, "head": 0.1, "head_no_decay": 0.1}),
+    ):
+        opt = build_optimizer(net, cfg)
+        set_lr(opt, 0.05, cfg)
+        assert {g["name"]: g["lr"] for g in opt.param_groups} == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no_decay_norm_bias"):
+        C.OptimConfig(schedule="poly_backbone_only")
+
+
+def test_per_epoch_evaluation_follows_the_fits_own_list(tmp_path, tiny_overrides):
+    # 8 labeled ids, batch 2: 4 steps per epoch; 2 epochs -> evaluations after steps 4 and 8
+    cfg = load_config(None, tiny_overrides + ["train.epochs=2", "eval.per_epoch=true", "eval.max_images=2"])
+    fit(cfg, tmp_path / "run", supervised, quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val/model/miou" in r] == [4, 8]
+    with pytest.raises(C.ConfigError, match="per_epoch"):
+        load_config(None, ["eval.per_epoch=true", "eval.every=100"])

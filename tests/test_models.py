@@ -14,7 +14,7 @@ from semiseg.models.resnet import build_resnet
 
 NUM_CLASSES = 3
 # Which backbone feature (c1..c4 -> 0..3) sets the resolution of each head's features().
-FEATURE_LEVEL = {"deeplabv3plus": 0, "deeplabv3": 3, "deeplabv2": 3, "deeplabv2_ctt": 3}
+FEATURE_LEVEL = {"deeplabv3plus": 0, "deeplabv3plus_cps": 0, "deeplabv3": 3, "deeplabv2": 3, "deeplabv2_ctt": 3}
 # Xception-65 has a fixed width (38M parameters): every head at OS 16, and OS 8 once, to keep the suite fast.
 # DINOv2 backbones (one stride, the patch) and the DPT head (a fused map at 8x its finest input) have their own
 # contract in test_vit.py: every head on a tiny ViT, DPT on a ResNet.
@@ -301,7 +301,7 @@ def test_fp_features_are_the_decoded_clean_and_perturbed_streams():
             {"backbone": "resnet152"},
             "model.backbone: unknown 'resnet152'; valid: resnet18, resnet34, resnet50, resnet101",
         ),
-        ({"head": "pspnet"}, "model.head: unknown 'pspnet'; valid: deeplabv3plus, deeplabv3, deeplabv2"),
+        ({"head": "pspnet"}, "model.head: unknown 'pspnet'; valid: deeplabv3plus, deeplabv3plus_cps, deeplabv3, deeplabv2"),
         ({"stem": "v1d"}, "model.stem: unknown 'v1d'; valid: deep, torchvision"),
         ({"output_stride": 4}, "model.output_stride: 4"),
         ({"backbone": "xception65", "output_stride": 32}, "model.output_stride: 32"),
@@ -312,3 +312,35 @@ def test_invalid_config_is_one_line_value_error(override, message):
     with pytest.raises(ValueError) as err:
         build_model(ModelConfig(**override), NUM_CLASSES)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("depth", ["resnet18", "resnet50"])
+def test_multi_grid_dilates_layer4_block_by_block(depth):
+    # DeepLabV3's Multi-Grid as CPS / CTT use it: at OS 16 layer4's rate is 2, so (1, 2, 4) gives dilations 2, 4, 8
+    net = build_resnet(depth, "deep", 8, 16, (1, 2, 4) if depth == "resnet50" else (1, 2))
+    convs = [b.conv2 if depth == "resnet50" else b.conv1 for b in net.layer4]
+    assert [c.dilation[0] for c in convs] == ([2, 4, 8] if depth == "resnet50" else [2, 4])
+    assert all(c.stride == (1, 1) for c in convs) and [c.padding[0] for c in convs] == [c.dilation[0] for c in convs]
+    feats = net(torch.randn(1, 3, 64, 64))
+    assert feats[-1].shape[-2:] == (4, 4) and feats[2].shape[-2:] == (4, 4)  # layer3 strided, layer4 not: OS 16
+    plain = build_resnet(depth, "deep", 8, 16)
+    first = plain.layer4[0].conv2 if depth == "resnet50" else plain.layer4[0].conv1
+    assert first.dilation == (1, 1)  # torchvision's scheme: the first block keeps the previous dilation
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"multi_grid": (1, 2, 4), "output_stride": 32}, "multi_grid"),
+        ({"multi_grid": (1, 2)}, "multi_grid"),
+        ({"multi_grid": (1, 2, 4), "backbone": "mobilenet_v2"}, "only the ResNets"),
+    ],
+)
+def test_bad_multi_grid_is_a_config_error(override, message):
+    from dataclasses import replace
+
+    from semiseg.config import ConfigError
+    from semiseg.models import check_model_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_model_config(replace(small_cfg(), **override))

@@ -214,3 +214,23 @@ def test_stpp_under_two_processes(tiny_overrides, tmp_path):
     assert len(list((tmp_path / "ddp" / "3_label" / "pseudo").glob("*.png"))) == 8
     assert len(list((tmp_path / "ddp" / "5_relabel" / "pseudo").glob("*.png"))) == 8
     assert (tmp_path / "ddp" / "log.txt").read_text().count("stage 2_select done") == 1
+
+
+def test_the_teacher_trains_on_two_copies_of_a_small_labeled_list(tiny_overrides):
+    # ST++'s main.py doubles a labeled list under 200 ids for the SupOnly teacher; a student's list is unchanged
+    from semiseg.engine.loop import total_iters
+
+    cfg = _cfg(tiny_overrides, "stpp", "train.iters=0", "train.epochs=1")  # 8 labeled ids, batch 2
+
+    def teacher_part(**method):
+        stages = st.stages(C.replace(cfg, method=method) if method else cfg)
+        (part,) = stages[0].data(None).labeled
+        return part
+
+    part = teacher_part()
+    assert len(part.dataset) == 8 and part.repeat == 2
+    assert total_iters(cfg, len(part.dataset) * part.repeat, 0, 1) == 8  # one epoch of the doubled list: 16 / 2
+    assert teacher_part(small_split=8).repeat == 1 and teacher_part(small_split=9).repeat == 2
+    assert teacher_part(small_split=0).repeat == 1
+    more = C.replace(cfg, data={"repeat_labeled": 3})
+    assert st.stages(more)[0].data(None).labeled[0].repeat == 3

@@ -88,17 +88,27 @@ class FitResult:
     peak_memory_mb: float = 0.0
 
 
+def _epoch_batches(cfg: Config, n_labeled: int, n_unlabeled: int, world: int) -> int:
+    """Batches (over all processes) in one epoch of the unlabeled list (the labeled one when there is none), >= 1."""
+    if n_unlabeled > 0:
+        return max(n_unlabeled // max(cfg.data.batch_size_u * world, 1), 1)
+    return max(n_labeled // max(cfg.data.batch_size * world, 1), 1)
+
+
 def total_iters(cfg: Config, n_labeled: int, n_unlabeled: int, world: int) -> int:
     """train.iters, or train.epochs over the unlabeled set (labeled set when there is none) in steps."""
     if cfg.train.iters > 0:
         return cfg.train.iters
     if cfg.train.epochs <= 0:
         raise ConfigError("train: set train.iters or train.epochs")
-    if n_unlabeled > 0:
-        per_epoch = n_unlabeled // max(cfg.data.batch_size_u * world, 1)
-    else:
-        per_epoch = n_labeled // max(cfg.data.batch_size * world, 1)
-    return max(1, math.ceil(cfg.train.epochs * max(per_epoch, 1) / cfg.optim.accumulate))
+    return max(
+        1, math.ceil(cfg.train.epochs * _epoch_batches(cfg, n_labeled, n_unlabeled, world) / cfg.optim.accumulate)
+    )
+
+
+def epoch_steps(cfg: Config, n_labeled: int, n_unlabeled: int, world: int) -> int:
+    """Optimizer steps in one epoch of the list (as total_iters counts them), >= 1: eval.per_epoch's period."""
+    return max(1, math.ceil(_epoch_batches(cfg, n_labeled, n_unlabeled, world) / cfg.optim.accumulate))
 
 
 def snapshot_steps(iters: int, k: int) -> list[int]:
@@ -437,7 +447,7 @@ def fit(
     unlabeled_per_step = d.batch_size_u * (2 if streams[2] else 1) if streams[1] else 0
     images_per_step = (d.batch_size + unlabeled_per_step) * cfg.optim.accumulate * dist.world_size()
     meter = Meter()
-    eval_every = cfg.eval.every
+    eval_every = epoch_steps(cfg, n_lab, n_unl, dist.world_size()) if cfg.eval.per_epoch else cfg.eval.every
     ckpt_every = cfg.train.ckpt_every or eval_every or max(iters // 10, 1)
     snapshot_at = list(enumerate(snapshot_steps(iters, snapshots), 1)) if snapshots else []
     t_start = time.perf_counter()
@@ -454,7 +464,7 @@ def fit(
         t0 = time.perf_counter()
         lr = poly_lr(cfg.optim.lr, state.step, iters, cfg.optim.poly_power, cfg.optim.warmup_iters)
         for opt in state.optimizers.values():
-            set_lr(opt, lr)
+            set_lr(opt, lr, cfg.optim)
         ctx = Context(state.step, iters, gen, info, device, cfg, data.tags)
         step_logs, data_time = _train_step(state, method, streams, ctx, dtype, last_path)
         state.step += 1

@@ -68,6 +68,9 @@ class SelfTrainConfig(MethodConfig):
     """ST++: share of the unlabeled images, most stable first, that the teacher labels (floor(N x share))"""
     batch_size: int = 0
     """crops per step per process in every training stage; 0 = data.batch_size"""
+    small_split: int = 200
+    """the teacher trains on 2 copies of a labeled list shorter than this (the reference's `ids * 2` below 200 ids,
+    ST++ main.py); 0 = never"""
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,8 +80,8 @@ class SelfTrainConfig(MethodConfig):
             raise ValueError(f"snapshots must be 0 or at least 2, got {self.snapshots}")
         if not 0.0 < self.reliable_share < 1.0:
             raise ValueError(f"reliable_share must be in (0, 1), got {self.reliable_share}")
-        if self.batch_size < 0:
-            raise ValueError(f"batch_size must be >= 0, got {self.batch_size}")
+        if self.batch_size < 0 or self.small_split < 0:
+            raise ValueError(f"batch_size and small_split must be >= 0, got {self.batch_size}, {self.small_split}")
 
 
 def augment_pseudo(
@@ -243,8 +246,9 @@ class _SelfTraining:
     """(net, x) -> plain argmax long (1, H, W): the predictions compared by the stability score"""
 
     def teacher_data(self, env: StageEnv) -> TrainData:
-        """The labeled list (data.repeat_labeled copies)."""
-        return TrainData([Part(self.labeled, repeat=max(self.cfg.data.repeat_labeled, 1))])
+        """The labeled list: 2 copies below method.small_split ids (the reference's), at least data.repeat_labeled."""
+        copies = 2 if len(self.labeled) < self.cfg.method.small_split else 1
+        return TrainData([Part(self.labeled, repeat=max(self.cfg.data.repeat_labeled, copies))])
 
     def student_data(self, env: StageEnv, label_stages: Sequence[str]) -> TrainData:
         """The labeled ids repeated ceil(|U'|/|L|) times, then the pseudo-labeled images of `label_stages` (the

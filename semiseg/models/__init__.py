@@ -20,6 +20,7 @@ from semiseg.models.deeplab import (
     CTTDeepLabV2Head,
     DeepLabV2Head,
     DeepLabV3Head,
+    DeepLabV3PlusCPSHead,
     DeepLabV3PlusHead,
     default_rates,
 )
@@ -41,10 +42,10 @@ from semiseg.models.xception import Xception, build_xception
 log = logging.getLogger(__name__)
 
 BACKBONES: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "resnet18": lambda cfg: build_resnet("resnet18", cfg.stem, cfg.width, cfg.output_stride),
-    "resnet34": lambda cfg: build_resnet("resnet34", cfg.stem, cfg.width, cfg.output_stride),
-    "resnet50": lambda cfg: build_resnet("resnet50", cfg.stem, cfg.width, cfg.output_stride),
-    "resnet101": lambda cfg: build_resnet("resnet101", cfg.stem, cfg.width, cfg.output_stride),
+    "resnet18": lambda cfg: build_resnet("resnet18", cfg.stem, cfg.width, cfg.output_stride, cfg.multi_grid),
+    "resnet34": lambda cfg: build_resnet("resnet34", cfg.stem, cfg.width, cfg.output_stride, cfg.multi_grid),
+    "resnet50": lambda cfg: build_resnet("resnet50", cfg.stem, cfg.width, cfg.output_stride, cfg.multi_grid),
+    "resnet101": lambda cfg: build_resnet("resnet101", cfg.stem, cfg.width, cfg.output_stride, cfg.multi_grid),
     "xception65": lambda cfg: build_xception(cfg.output_stride),
     "mobilenet_v2": lambda cfg: build_mobilenet_v2(cfg.width_mult, cfg.output_stride, cfg.tf_padding),
     "dinov2_small": lambda cfg: build_dinov2("small"),
@@ -55,6 +56,9 @@ BACKBONES: dict[str, Callable[[ModelConfig], nn.Module]] = {
 HEADS: dict[str, Callable[[ModelConfig, Sequence[int], int, tuple[int, ...]], nn.Module]] = {
     "deeplabv3plus": lambda cfg, ch, k, rates: DeepLabV3PlusHead(
         ch, k, rates, cfg.head_channels, cfg.low_level_channels, cfg.dropout
+    ),
+    "deeplabv3plus_cps": lambda cfg, ch, k, rates: DeepLabV3PlusCPSHead(
+        ch, k, rates, cfg.head_channels, cfg.low_level_channels
     ),
     "deeplabv3": lambda cfg, ch, k, rates: DeepLabV3Head(ch, k, rates, cfg.head_channels, cfg.dropout),
     "deeplabv2": lambda cfg, ch, k, rates: DeepLabV2Head(ch, k, rates),
@@ -76,6 +80,11 @@ def check_model_config(cfg: ModelConfig) -> None:
             raise ConfigError(f"model.output_stride: {cfg.output_stride} is not one of 8, 16, 32")
         if cfg.width < 1:
             raise ConfigError(f"model.width: must be positive, got {cfg.width}")
+        if cfg.multi_grid and (cfg.output_stride == 32 or len(cfg.multi_grid) != 3 or min(cfg.multi_grid) < 1):
+            raise ConfigError(
+                f"model.multi_grid: 3 positive multipliers of layer4's dilation at output stride 8 or 16 (CPS: 1,2,4), "
+                f"got {list(cfg.multi_grid)} at output stride {cfg.output_stride}"
+            )
     elif cfg.backbone == "mobilenet_v2":
         if cfg.output_stride not in (8, 16, 32):
             raise ConfigError(f"model.output_stride: {cfg.output_stride} is not one of 8, 16, 32")
@@ -89,6 +98,8 @@ def check_model_config(cfg: ModelConfig) -> None:
             raise ConfigError(f"model.output_stride: {cfg.output_stride} is not one of 8, 16 for {cfg.backbone}")
         if cfg.width != 64:
             raise ConfigError(f"model.width: {cfg.backbone} has a fixed width; leave width at 64")
+    if cfg.multi_grid and not cfg.backbone.startswith("resnet"):
+        raise ConfigError(f"model.multi_grid: only the ResNets have a multi-grid layer4, not {cfg.backbone}")
     if cfg.tf_padding and cfg.backbone != "mobilenet_v2":
         raise ConfigError(f"model.tf_padding: only mobilenet_v2 offers TF 'SAME' padding, not {cfg.backbone}")
     for key in ("input_mean", "input_std"):
