@@ -301,7 +301,10 @@ def test_fp_features_are_the_decoded_clean_and_perturbed_streams():
             {"backbone": "resnet152"},
             "model.backbone: unknown 'resnet152'; valid: resnet18, resnet34, resnet50, resnet101",
         ),
-        ({"head": "pspnet"}, "model.head: unknown 'pspnet'; valid: deeplabv3plus, deeplabv3plus_cps, deeplabv3, deeplabv2"),
+        (
+            {"head": "pspnet"},
+            "model.head: unknown 'pspnet'; valid: deeplabv3plus, deeplabv3plus_cps, deeplabv3, deeplabv2",
+        ),
         ({"stem": "v1d"}, "model.stem: unknown 'v1d'; valid: deep, torchvision"),
         ({"output_stride": 4}, "model.output_stride: 4"),
         ({"backbone": "xception65", "output_stride": 32}, "model.output_stride: 32"),
