@@ -31,7 +31,7 @@ def test_sigmoid_rampup_by_hand():
 
 
 def test_consistency_is_zero_when_the_student_sees_the_teachers_view(tiny_overrides):
-    cfg, info, nets = method_nets(mean_teacher, tiny_overrides, "method.ramp_steps=0", *NO_AUG)
+    cfg, info, nets = method_nets(mean_teacher, tiny_overrides, "method.rampup=0", *NO_AUG)
     out = mean_teacher.train_step(nets, random_batch(info.num_classes), cfg.method, ctx_at(cfg, info, 0))
     assert float(out.logs["train/loss_u"]) == pytest.approx(0.0, abs=1e-10)
     assert float(out.logs["train/agree"]) == 1.0 and out.logs["train/w_u"] == 1.0
@@ -39,8 +39,8 @@ def test_consistency_is_zero_when_the_student_sees_the_teachers_view(tiny_overri
 
 
 def test_the_strong_view_makes_a_ramped_consistency_term(tiny_overrides):
-    cfg, info, nets = method_nets(mean_teacher, tiny_overrides, "method.ramp_steps=10", "method.w_u=3")
-    out = mean_teacher.train_step(nets, random_batch(info.num_classes), cfg.method, ctx_at(cfg, info, 5))
+    cfg, info, nets = method_nets(mean_teacher, tiny_overrides, "method.rampup=0.1", "method.w_u=3")
+    out = mean_teacher.train_step(nets, random_batch(info.num_classes), cfg.method, ctx_at(cfg, info, 5))  # of 100
     w = 3 * math.exp(-5 * 0.25)
     assert out.logs["train/w_u"] == pytest.approx(w) and float(out.logs["train/loss_u"]) > 0
     torch.testing.assert_close(out.loss, out.logs["train/loss_x"] + w * out.logs["train/loss_u"])

@@ -5,9 +5,10 @@ Paper: Tarvainen & Valpola, "Mean teachers are better role models: Weight-averag
 semi-supervised deep learning results", NeurIPS 2017 (official code `CuriousAI/mean-teacher`: `softmax_mse_loss`,
 `sigmoid_rampup`, `update_ema_variables`); per pixel here, the baseline of the segmentation tables (CCT, CPS).
 Loss: L = CE(student(x_l), y_l) + w(t) * mean over non-padded pixels of sum_c (softmax(student(strong u)) -
-softmax(teacher(u)))^2, w(t) = w_u * exp(-5 (1 - min(t / ramp_steps, 1))^2). The teacher runs in train mode without
-gradients (noise on both sides, as the reference code) and is the EMA of the student, parameters and BatchNorm
-buffers, keep min(1 - 1/(t + 1), ema_keep). The strong view is colour jitter, grayscale and blur (no CutMix).
+softmax(teacher(u)))^2, w(t) = w_u * exp(-5 (1 - min(t / T_r, 1))^2), T_r = rampup x the run's steps. The teacher
+runs in train mode without gradients (noise on both sides, as the reference code) and is the EMA of the student,
+parameters and BatchNorm buffers, keep min(1 - 1/(t + 1), ema_keep). The strong view is colour jitter, grayscale and
+blur (no CutMix).
 Command: `semiseg train configs/demo.yaml --set method.name=mean_teacher`; a baseline: no published segmentation
 number is claimed here (compare with `supervised` and `fixmatch` on the same command, `semiseg bench`).
 """
@@ -34,8 +35,8 @@ class Config(MethodConfig):
     """method name"""
     w_u: float = 1.0
     """weight of the consistency term once ramped up"""
-    ramp_steps: int = 1000
-    """steps of the sigmoid ramp-up of the consistency weight; 0 = full weight from the start"""
+    rampup: float = 0.1
+    """share of the run's steps over which the consistency weight ramps up (the paper's sigmoid); 0 = full weight"""
     ema_keep: float = 0.99
     """cap of the teacher's EMA keep rate; step t (0-based) uses min(1 - 1/(t + 1), ema_keep)"""
     strong: StrongAugConfig = field(default_factory=StrongAugConfig)
@@ -43,8 +44,8 @@ class Config(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.w_u < 0 or self.ramp_steps < 0 or not 0.0 <= self.ema_keep <= 1.0:
-            raise ValueError("need w_u >= 0, ramp_steps >= 0 and ema_keep in [0, 1]")
+        if self.w_u < 0 or not 0.0 <= self.rampup <= 1.0 or not 0.0 <= self.ema_keep <= 1.0:
+            raise ValueError("need w_u >= 0, rampup in [0, 1] and ema_keep in [0, 1]")
 
 
 TRAINED = ("student",)
@@ -70,7 +71,7 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     logits_u = student(strong)
     loss_x = supervised_loss(logits_x, l.mask, cfg.criterion, cfg.ohem_thresh, cfg.ohem_min_kept)
     loss_u = softmax_mse(logits_u, target, ~u.pad)
-    w = cfg.w_u * sigmoid_rampup(ctx.step, cfg.ramp_steps)
+    w = cfg.w_u * sigmoid_rampup(ctx.step, round(cfg.rampup * ctx.iters))
     loss = loss_x + w * loss_u
     valid = ~u.pad  # the share of non-padded pixels where student and teacher predict the same class
     agree = ((logits_u.detach().argmax(1) == target.argmax(1)) & valid).sum() / valid.sum().clamp(min=1)
