@@ -1,5 +1,6 @@
 """Atomic file writes: a temporary file in the target's folder, then a rename, so a reader (or a crash) never sees
-half a file. Every file semiseg writes goes through here: checkpoints, exports, results, split lists, PNGs."""
+half a file. Every file semiseg writes whole goes through here: checkpoints, exports, results, split lists, PNGs (the
+run's append-only log.txt and metrics.jsonl are written line by line instead)."""
 
 from __future__ import annotations
 

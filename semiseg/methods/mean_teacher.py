@@ -9,8 +9,9 @@ softmax(teacher(u)))^2, w(t) = w_u * exp(-5 (1 - min(t / T_r, 1))^2), T_r = ramp
 runs in train mode without gradients (noise on both sides, as the reference code) and is the EMA of the student,
 parameters and BatchNorm buffers, keep min(1 - 1/(t + 1), ema_keep). The strong view is colour jitter, grayscale and
 blur (no CutMix).
-Command: `semiseg train configs/demo.yaml --set method.name=mean_teacher`; a baseline: no published segmentation
-number is claimed here (compare with `supervised` and `fixmatch` on the same command, `semiseg bench`).
+Command: `semiseg train configs/demo.yaml --set method.name=mean_teacher`: 29.65 best / 29.45 last mIoU (student;
+teacher 29.27 last), against 27.83 for `supervised` on the same command and 2-core CPU (seed 0 only: the demo's
+seed-to-seed spread is as large, README). No published segmentation number is claimed here.
 """
 
 from __future__ import annotations
