@@ -20,11 +20,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from semiseg import config as C  # noqa: E402
 from semiseg.data.datasets import dataset_info  # noqa: E402
 from semiseg.engine import checkpoint  # noqa: E402
 from semiseg.engine.optim import build_optimizer  # noqa: E402
-from semiseg.methods import METHODS  # noqa: E402
+from semiseg.methods import METHODS, load_config  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +32,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--set", dest="overrides", nargs="*", default=["model.backbone=resnet50"])
     args = p.parse_args()
-    cfg = C.load(args.preset, list(args.overrides) + ["model.pretrained="])
+    cfg = load_config(args.preset, list(args.overrides) + ["model.pretrained="])
     method = METHODS[cfg.method.name]
     nets = method.build(cfg, dataset_info(cfg.data))
     opts = {n: build_optimizer(nets[n], cfg.optim) for n in method.TRAINED}

@@ -17,9 +17,8 @@ import torch  # noqa: E402
 from step_speed import Runner  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from semiseg import config as C  # noqa: E402
 from semiseg.data.datasets import dataset_info  # noqa: E402
-from semiseg.methods import METHODS  # noqa: E402
+from semiseg.methods import METHODS, load_config  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +32,7 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", nargs="*", default=[])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = C.load(args.preset, list(args.overrides) + ["model.pretrained=", f"method.name={args.method}"])
+    cfg = load_config(args.preset, list(args.overrides) + ["model.pretrained=", f"method.name={args.method}"])
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     info = dataset_info(cfg.data)
     method = METHODS[args.method]

@@ -22,13 +22,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what `import semiseg` set
 
 import torch  # noqa: E402
 
-from semiseg import config as C  # noqa: E402
 from semiseg.data.batch import Batch, LabeledBatch, UnlabeledBatch  # noqa: E402
 from semiseg.data.datasets import dataset_info  # noqa: E402
 from semiseg.engine.log import cpu_name  # noqa: E402
 from semiseg.engine.loop import Context, amp_dtype  # noqa: E402
 from semiseg.engine.optim import build_optimizer  # noqa: E402
-from semiseg.methods import METHODS  # noqa: E402
+from semiseg.methods import METHODS, load_config  # noqa: E402
 
 
 def random_batch(cfg, num_classes, device, gen):
@@ -95,7 +94,7 @@ def main() -> None:
     base = list(args.overrides) + ["model.pretrained="]
     print(f"{args.preset}: {cpu_name()}, {args.threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})")
     for name in [m for m in args.methods.split(",") if m]:
-        cfgs = [C.load(args.preset, base + [f"method.name={name}", *variant_overrides(v)]) for v in variants]
+        cfgs = [load_config(args.preset, base + [f"method.name={name}", *variant_overrides(v)]) for v in variants]
         cfg0 = cfgs[0]
         device = torch.device("cuda" if torch.cuda.is_available() and cfg0.train.device != "cpu" else "cpu")
         info = dataset_info(cfg0.data)

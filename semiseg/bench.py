@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import shlex
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,10 +33,8 @@ import yaml
 
 from semiseg import config as config_mod
 from semiseg.config import Config, ConfigError
-from semiseg.errors import CheckpointError, DataError, TrainingError
-
-REFERENCES = ("supervised", "full")
-"""bench names of the two references: the labeled subset only, and every train label"""
+from semiseg.errors import CheckpointError, DataError
+from semiseg.results import REFERENCES, format_markdown, run_folder_name, summarize
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 """the repository's configs/ folder (absent from an installed wheel)"""
@@ -85,186 +82,23 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def gap_closed(miou: float, sup: float, full: float) -> float:
-    """Share in % of the supervised -> full gap that `miou` closes: (m - sup) / (full - sup) * 100; NaN if gap <= 0."""
-    values = (miou, sup, full)
-    if any(v is None or math.isnan(v) for v in values) or full - sup <= 0:
-        return math.nan
-    return (miou - sup) / (full - sup) * 100
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, sample standard deviation) of finite values; std NaN below two values, both NaN for none."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return math.nan, math.nan
-    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else math.nan
-
-
-def _is_nan(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def format_mean_std(mean: float | None, std: float | None) -> str:
-    """'62.31 ± 0.45'; '62.31' without a std (one seed); 'n/a' without a mean."""
-    if _is_nan(mean):
-        return "n/a"
-    return f"{mean:.2f}" if _is_nan(std) else f"{mean:.2f} ± {std:.2f}"
-
-
-def _format_duration(seconds: float | None) -> str:
-    from semiseg.engine.log import format_duration
-
-    return "n/a" if _is_nan(seconds) else format_duration(seconds)
-
-
-TABLE_HEADER = ("method", "mIoU best", "mIoU last", "gap closed %", "train time", "images/s")
-
-
-def table_rows(results: dict) -> list[tuple[str, ...]]:
-    """One formatted row per method of results['summary'], in results['methods'] order (see TABLE_HEADER)."""
-    rows = []
-    for name in results["methods"]:
-        s = results["summary"].get(name, {})
-        best, last = s.get("miou_best", {}), s.get("miou_last", {})
-        gap = s.get("gap_closed_best")
-        ips = s.get("images_per_second")
-        rows.append(
-            (
-                name,
-                format_mean_std(best.get("mean"), best.get("std")),
-                format_mean_std(last.get("mean"), last.get("std")),
-                "n/a" if _is_nan(gap) else f"{gap:.1f}",
-                _format_duration(s.get("train_seconds")),
-                "n/a" if _is_nan(ips) else f"{ips:.1f}",
-            )
-        )
-    return rows
-
-
-def protocol_lines(results: dict) -> list[str]:
-    """The protocol in a few human-readable lines (results.md, report.html)."""
-    p = results["protocol"]
-    seeds = ",".join(str(s) for s in p["seeds"])
-    res = p.get("resolution") or [0, 0]
-    every = f"evaluated every {p['eval_every']} steps" if p["eval_every"] else "evaluated at the end only"
-    lines = [
-        f"preset `{p['preset']}`: {p['dataset']} at `{p['data_root']}`",
-        f"labeled {p['labeled']} of {p['train_split']} ({p['labeled_count']} labeled / {p['unlabeled_count']} "
-        f"unlabeled of {p['train_count']}), seeds {seeds} (split and training seed); "
-        f"`full` uses all {p['train_count']} labels"
-        + (f" and trains {p['full_iters']} iterations" if p.get("full_iters", p["iters"]) != p["iters"] else ""),
-        f"model {p['model']}; images {res[0]}x{res[1]} (resize {p['resize']:g}), crop {p['crop']}, "
-        f"{p['iters']} iterations, batch {p['batch_size']} labeled + {p['batch_size_u']} unlabeled",
-        f"evaluation on {p['eval_split']} ({p['eval_images']} images, {p['eval_mode']}); best = the checkpoint with "
-        f"the best {p['val_split']} mIoU ({every}), last = the final model; mean ± sample std over seeds",
-        "gap closed % = (method - supervised) / (full - supervised) x 100 on the mean best mIoU",
-        "machine: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
-    ]
-    return lines
-
-
-def format_markdown(results: dict) -> str:
-    """results.md: the comparison table and the protocol."""
-    rows = table_rows(results)
-    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(TABLE_HEADER) - 1)) + "|"]
-    out += ["| " + " | ".join(row) + " |" for row in rows]
-    out += pseudo_label_lines(results)
-    out += ["", "Protocol:", ""] + [f"- {line}" for line in protocol_lines(results)]
-    out += ["", f"Command: `{results['protocol']['command']}`"]
-    return "\n".join(out) + "\n"
-
-
-def _pl_miou(diag: dict | None, key: str) -> str:
-    miou = ((diag or {}).get(key) or {}).get("miou")
-    return "-" if miou is None else f"{miou:.2f}"
-
-
-PSEUDO_LABEL_CAPTION = (
-    "Pseudo-labels of the unlabeled images against their ground truth, mIoU % (a diagnostic, never used to "
-    "train). ST++/BST rank the images by stability: the teacher's labels of the reliable (stable) half vs the "
-    "unreliable half test ST++'s premise; training used the teacher's labels of the reliable half and the "
-    "first student's re-labels of the unreliable half; ST labels all images once with the teacher:"
-)
-PSEUDO_LABEL_HEADER = (
-    "method", "seed", "teacher, reliable", "teacher, unreliable", "used, reliable", "used, unreliable", "used, all"
-)  # fmt: skip
-
-
-def pseudo_label_rows(results: dict) -> list[list[str]]:
-    """Rows of PSEUDO_LABEL_HEADER: one per self-training run with pseudo-label diagnostics, in method order."""
-    rows = []
-    for name in results["methods"]:
-        for seed, run in sorted(results["runs"].get(name, {}).items(), key=lambda kv: int(kv[0])):
-            diag = run.get("pseudo_labels")
-            if not diag:
-                continue
-            teacher = diag.get("teacher_on_selection")
-            cells = [_pl_miou(teacher, "reliable"), _pl_miou(teacher, "unreliable")]
-            cells += [_pl_miou(diag, "reliable"), _pl_miou(diag, "unreliable"), _pl_miou(diag, "all")]
-            rows.append([name, str(seed), *cells])
-    return rows
-
-
-def pseudo_label_lines(results: dict) -> list[str]:
-    """The pseudo-label table in markdown (results.md), or nothing when no run pseudo-labels."""
-    rows = pseudo_label_rows(results)
-    if not rows:
-        return []
-    return [
-        "",
-        PSEUDO_LABEL_CAPTION,
-        "",
-        "| " + " | ".join(PSEUDO_LABEL_HEADER) + " |",
-        "|---|" + "---:|" * (len(PSEUDO_LABEL_HEADER) - 1),
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-
-
-def summarize(runs: dict[str, dict[str, dict]], order: Sequence[str]) -> dict[str, dict]:
-    """Per method: mean/std of best and last mIoU over seeds, gap closed, mean time/throughput, mean class IoU."""
-    summary: dict[str, dict] = {}
-    for name in order:
-        records = list(runs.get(name, {}).values())
-        best, last = mean_std([r["miou_best"] for r in records]), mean_std([r["miou_last"] for r in records])
-        classes = list(dict.fromkeys(c for r in records for c in r["iou_best"]))
-        summary[name] = {
-            "seeds": len(records),
-            "miou_best": {"mean": best[0], "std": best[1]},
-            "miou_last": {"mean": last[0], "std": last[1]},
-            "train_seconds": mean_std([r["train_seconds"] for r in records])[0],
-            "images_per_second": mean_std([r["images_per_second"] for r in records])[0],
-            "peak_memory_mb": max((r["peak_memory_mb"] for r in records), default=math.nan),
-            "steps": records[0]["steps"] if records else None,
-            "iou_best": {c: mean_std([r["iou_best"].get(c) for r in records])[0] for c in classes},
-        }
-    for name in order:
-        for which in ("best", "last"):
-            m, s, f = (summary.get(n, {}).get(f"miou_{which}", {}).get("mean") for n in (name, *REFERENCES))
-            summary[name][f"gap_closed_{which}"] = gap_closed(m, s, f)
-    return summary
-
-
-def load_export(path: str | Path):
-    """(cfg, model on CPU, DatasetInfo) rebuilt from a best/last.safetensors export and its embedded config."""
-    from semiseg.engine.checkpoint import load_export as load
-
-    return load(path)
-
-
 def evaluate_export(path: Path, split: str) -> dict:
     """Metrics of an export on `split`, with the evaluation settings of its own config."""
     from semiseg.data.datasets import build_dataset
     from semiseg.engine import dist
+    from semiseg.engine.checkpoint import load_export
     from semiseg.engine.evaluate import evaluate_config
+    from semiseg.methods import METHODS
 
-    cfg, model, info = load_export(path)
+    cfg, model, info = load_export(path, METHODS)
     device = dist.init(cfg.train.device)
     return evaluate_config(model.to(device), build_dataset(cfg.data, split), info, cfg, device)
 
 
 def _method_fields(method: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(config_mod.method_config_class(method))}
+    from semiseg.methods import METHODS
+
+    return {f.name for f in dataclasses.fields(config_mod.method_config_class(method, METHODS))}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -325,11 +159,6 @@ def parse_method(entry: str) -> tuple[str, list[str]]:
     return name, sets
 
 
-def run_folder_name(entry: str) -> str:
-    """The run folder of a bench entry: `dssn:align=none` -> `dssn+align=none` (no ':' in paths)."""
-    return entry.replace(":", "+").replace("/", "_")
-
-
 def _check_method_keys(keys: Sequence[str], methods: Sequence[str], what: str) -> None:
     """Every method-specific key must belong to at least one benched method, else it is a typo."""
     declared = set().union(*(_method_fields(m) for m in methods))
@@ -357,14 +186,18 @@ def check_run_config(run_dir: Path, cfg: Config) -> None:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return
+    from semiseg.methods import METHODS
+
     raw = yaml.safe_load(path.read_text()) or {}
     try:  # read as typed values, so that a bool saved before a field became a string (true -> "on") compares equal
-        old = _flat(config_mod.to_dict(config_mod.from_dict(raw)))
+        old = _flat(config_mod.to_dict(config_mod.from_dict(raw, METHODS)))
         old = {k: v for k, v in old.items() if k in _flat(raw)}  # keep "absent from the old file" visible
     except ConfigError:  # a field removed since: compare the file as written
         old = _flat(raw)
     new = _flat(config_mod.to_dict(cfg))
-    defaults = _flat(config_mod.to_dict(config_mod.load(None, [f"method.name={cfg.method.name}"])))
+    from semiseg.methods import load_config
+
+    defaults = _flat(config_mod.to_dict(load_config(None, [f"method.name={cfg.method.name}"])))
     for key in sorted(set(old) | set(new)):
         if key not in old and key in defaults and new[key] == defaults[key]:
             continue  # a field added after that run, at its default: new fields default to the old behaviour
@@ -388,24 +221,16 @@ def write_split_lists(folder: Path, labeled: list, unlabeled: list, root: str) -
     return write_split(folder, labeled, unlabeled, root)
 
 
-def read_run_result(run_dir: Path) -> dict:
-    """The results.json a finished fit (or a multi-stage run) leaves in its run folder."""
-    path = run_dir / "results.json"
-    if not path.is_file():
-        raise TrainingError(f"{path}: the run finished without writing its results")
-    return json.loads(path.read_text())
-
-
 def train_run(name: str, cfg: Config, run_dir: Path, quiet: bool = False, wait: bool = True) -> dict | None:
     """Train (or resume, or skip when finished) one run; its results.json. With wait=False a run that another
     bench is training is left to it: None."""
-    from semiseg.engine.loop import fit
+    from semiseg.engine.run import run_results, train
     from semiseg.methods import METHODS
 
     check_run_config(run_dir, cfg)
     if (run_dir / "results.json").is_file():
         print(f"bench: {run_dir} finished; skipped")
-        return read_run_result(run_dir)
+        return run_results(run_dir)
     # Two benches sharing a folder (e.g. `--methods dssn` and `--methods ctt` side by side) both need the
     # references: the second waits for the first to finish a run instead of training it twice.
     with _run_lock(run_dir, wait) as locked:
@@ -414,13 +239,8 @@ def train_run(name: str, cfg: Config, run_dir: Path, quiet: bool = False, wait: 
         check_run_config(run_dir, cfg)
         if (run_dir / "results.json").is_file():
             print(f"bench: {run_dir} finished by another bench; skipped")
-            return read_run_result(run_dir)
-        method = METHODS[cfg.method.name]
-        if hasattr(method, "run"):
-            method.run(cfg, run_dir)
-        else:
-            fit(cfg, run_dir, method, quiet=quiet)
-    return read_run_result(run_dir)
+            return run_results(run_dir)
+        return train(cfg, run_dir, METHODS[cfg.method.name], quiet)
 
 
 @contextlib.contextmanager
@@ -450,7 +270,8 @@ def _run_lock(run_dir: Path, wait: bool = True):
 
 def eval_on_split(run_dir: Path, split: str) -> dict:
     """{'best': metrics, 'last': metrics} of the run's two exports on `split`, cached in run_dir/eval_<split>.json."""
-    from semiseg.engine.checkpoint import atomic_write_json, json_safe
+    from semiseg import atomic
+    from semiseg.engine.checkpoint import json_safe
 
     cache = run_dir / f"eval_{split}.json"
     exports = [run_dir / "best.safetensors", run_dir / "last.safetensors"]
@@ -461,7 +282,7 @@ def eval_on_split(run_dir: Path, split: str) -> dict:
     if cache.is_file() and cache.stat().st_mtime >= newest:
         return json.loads(cache.read_text())
     out = {"split": split, "best": evaluate_export(exports[0], split), "last": evaluate_export(exports[1], split)}
-    atomic_write_json(cache, json_safe(out))
+    atomic.write_json(cache, json_safe(out))
     return out
 
 
@@ -525,12 +346,14 @@ def run_bench(
     report: bool = True,
 ) -> dict:
     """Train every method and both references for every seed on one protocol; write results.json/.md (+ report)."""
+    from semiseg import atomic
     from semiseg.data.datasets import build_dataset, dataset_info
     from semiseg.data.splits import is_count_or_fraction, make_split
-    from semiseg.engine.checkpoint import atomic_write_json, atomic_write_text, json_safe
+    from semiseg.engine.checkpoint import json_safe
     from semiseg.engine.evaluate import describe_mode
     from semiseg.engine.log import versions
     from semiseg.engine.loop import total_iters
+    from semiseg.methods import METHODS
 
     out = Path(out)
     preset_path = _shown(resolve_preset(preset))
@@ -547,7 +370,7 @@ def run_bench(
     _check_method_keys(list(preset_method), benched, f"{preset_path}:")
     _check_method_keys([config_mod.parse_override(s)[0][1] for s in method_sets], benched, "--set")
 
-    base = config_mod.from_dict(raw, where)
+    base = config_mod.from_dict(raw, METHODS, where)
     labeled = str(labeled or base.data.labeled)
     if not is_count_or_fraction(labeled):
         raise ConfigError(f"{where}data.labeled: bench draws the labeled subset itself; give a fraction or count")
@@ -585,7 +408,7 @@ def run_bench(
                 actual, preset_method, preset_path.parent / f"{actual}.yaml", method_sets + own_method, where
             )
             run_raw = config_mod.apply_overrides(run_raw, [t for t in own_sets if not t.startswith("method.")])
-            configs[(name, seed)] = config_mod.from_dict(run_raw, where)
+            configs[(name, seed)] = config_mod.from_dict(run_raw, METHODS, where)
 
     first = configs[("supervised", seeds[0])]
     sample = eval_set[0]
@@ -650,8 +473,8 @@ def run_bench(
         results["runs"].setdefault(name, {})[str(seed)] = record
         results["summary"] = summarize(results["runs"], order)
         # Written after every run, so that a long bench can be inspected (and reported) while it goes.
-        atomic_write_json(out / "results.json", json_safe(results))
-        atomic_write_text(out / "results.md", format_markdown(results))
+        atomic.write_json(out / "results.json", json_safe(results))
+        atomic.write_text(out / "results.md", format_markdown(results))
     if report:
         from semiseg.report import write_report
 
@@ -659,14 +482,3 @@ def run_bench(
         print(f"bench: report {path}")
     print(format_markdown(results), end="")
     return results
-
-
-def read_results(bench_dir: str | Path) -> dict:
-    """The results.json of a bench folder (NaN numbers are stored as null)."""
-    path = Path(bench_dir) / "results.json"
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run `semiseg bench PRESET --methods ... --out {bench_dir}` first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON ({err})") from None

@@ -31,17 +31,12 @@ def _default_run_dir(config_path: str | None, cfg) -> Path:
 
 
 def cmd_train(args) -> int:
-    from semiseg import config as config_mod
-    from semiseg.engine.loop import fit
-    from semiseg.methods import METHODS
+    from semiseg.engine.run import train
+    from semiseg.methods import METHODS, load_config
 
-    cfg = config_mod.load(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else _default_run_dir(args.config, cfg)
-    method = METHODS[cfg.method.name]
-    if hasattr(method, "run"):
-        method.run(cfg, run_dir)
-    else:
-        fit(cfg, run_dir, method)
+    train(cfg, run_dir, METHODS[cfg.method.name])
     return 0
 
 
@@ -49,6 +44,7 @@ def _load_run(target: str, overrides: list[str]):
     """(cfg, model, info, export path) of a run folder or a .safetensors export."""
     from semiseg.engine.checkpoint import load_export
     from semiseg.errors import CheckpointError
+    from semiseg.methods import METHODS
 
     path = Path(target)
     if path.is_dir():
@@ -58,14 +54,14 @@ def _load_run(target: str, overrides: list[str]):
                 break
         else:
             raise CheckpointError(f"{target}: no best.safetensors or last.safetensors in this run folder")
-    cfg, model, info = load_export(path, overrides)
+    cfg, model, info = load_export(path, METHODS, overrides)
     return cfg, model, info, path
 
 
 def cmd_eval(args) -> int:
+    from semiseg import atomic
     from semiseg.data.datasets import build_dataset
     from semiseg.engine import dist
-    from semiseg.engine.checkpoint import atomic_write_json
     from semiseg.engine.evaluate import evaluate_config, format_table
 
     cfg, model, info, path = _load_run(args.target, args.overrides)
@@ -78,7 +74,7 @@ def cmd_eval(args) -> int:
         print(format_table(res))
         print(f"mIoU {res['miou']:.2f} on {split} ({mode}, {res['images']} images) — {path}")
         out = Path(args.out) if args.out else path.parent / f"eval_{split}_{mode}.json"
-        atomic_write_json(out, {"split": split, "mode": mode, "checkpoint": str(path), **res})
+        atomic.write_json(out, {"split": split, "mode": mode, "checkpoint": str(path), **res})
     return 0
 
 
@@ -96,12 +92,13 @@ def cmd_predict(args) -> int:
 def _data_config(target: str, root: str | None, overrides: list[str]):
     """A DataConfig from a YAML config or from a dataset name (+ --root)."""
     from semiseg import config as config_mod
+    from semiseg.methods import load_config
 
     if target.endswith((".yaml", ".yml")):
-        cfg = config_mod.load(target, overrides)
+        cfg = load_config(target, overrides)
     else:
         sets = [f"data.dataset={target}"] + ([f"data.root={root}"] if root else []) + list(overrides)
-        cfg = config_mod.load(None, sets)
+        cfg = load_config(None, sets)
     if root and target.endswith((".yaml", ".yml")):
         cfg = config_mod.replace(cfg, data={"root": root})
     return cfg.data

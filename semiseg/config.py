@@ -3,7 +3,9 @@
 A run is described by one `Config` with six sections (data, model, optim, train, eval, method).
 YAML presets are loaded strictly: an unknown key or a value of the wrong type is one `ConfigError`
 naming the key and the file. `--set a.b=c` overrides are parsed as YAML scalars and coerced to the
-field's type. The `method` section is validated against the chosen method's own `Config` class.
+field's type. The `method` section is validated against the chosen method's own `Config` class, looked up in the
+`methods` table the caller passes (semiseg.methods.METHODS; `semiseg.methods.load_config` passes it), so this
+module imports no method.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -55,7 +58,8 @@ class DataConfig:
     workers: int = 2
     """data loader worker processes per loader"""
     repeat_labeled: int = 1
-    """minimum number of times the labeled list is repeated per labeled epoch (ST++ uses 3 below 200 ids)"""
+    """minimum number of copies of the labeled list in a training list (ST / ST++ / BST teachers: at least 2 below
+    method.small_split ids, the reference's `ids * 2`)"""
     synthetic_train: int = 400
     """synthetic dataset: number of train images"""
     synthetic_val: int = 100
@@ -87,8 +91,12 @@ class ModelConfig:
     """ResNet base width (64 = standard; 16 or 32 for CPU-sized models)"""
     output_stride: int = 16
     """8 or 16: the last stages are dilated instead of strided"""
+    multi_grid: tuple[int, ...] = ()
+    """ResNet: layer4's per-block dilation multipliers (DeepLabV3's Multi-Grid; CPS / CTT: 1,2,4 at OS 16 = dilations
+    2/4/8); empty = torchvision's dilation scheme"""
     head: str = "deeplabv3plus"
-    """deeplabv3plus | deeplabv3 | deeplabv2 | deeplabv2_ctt | dpt (DINOv2 backbones)"""
+    """deeplabv3plus | deeplabv3plus_cps (CPS / CTT's form: BN over the ASPP concatenation, LeakyReLU, pooled branch
+    added) | deeplabv3 | deeplabv2 | deeplabv2_ctt | dpt (DINOv2 backbones)"""
     aspp_rates: tuple[int, ...] = ()
     """atrous rates; empty = (6, 12, 18) at OS16, (12, 24, 36) at OS8 (DeepLabV2: 6, 12, 18, 24)"""
     head_channels: int = 256
@@ -134,12 +142,22 @@ class OptimConfig:
     """exclude norm weights and biases from weight decay (CPS-style groups)"""
     poly_power: float = 0.9
     """poly schedule: lr * (1 - step / iters) ** power"""
+    schedule: str = "poly"
+    """poly: every parameter group follows the poly schedule (heads x head_lr_mult) | poly_backbone_only: CTT's
+    DeepLabV3+ script as run: the backbone follows it, the backbone's no-decay group at x head_lr_mult, every head
+    group stays at lr (METHODS.md 5(g); needs no_decay_norm_bias, the script's CPS groups)"""
     warmup_iters: int = 0
     """linear warm-up steps before the poly schedule"""
     grad_clip: float = 0.0
     """clip the global gradient norm to this value; 0 = off"""
     accumulate: int = 1
     """gradient accumulation: micro-batches per optimizer step"""
+
+    def __post_init__(self):
+        if self.schedule not in ("poly", "poly_backbone_only"):
+            raise ValueError(f"schedule must be poly or poly_backbone_only, got {self.schedule!r}")
+        if self.schedule == "poly_backbone_only" and not self.no_decay_norm_bias:
+            raise ValueError("schedule poly_backbone_only reproduces CPS-style groups: set no_decay_norm_bias: true")
 
 
 @dataclass(frozen=True)
@@ -185,6 +203,9 @@ class TrainConfig:
 class EvalConfig:
     every: int = 0
     """steps between evaluations; 0 = only at the end"""
+    per_epoch: bool = False
+    """evaluate after every epoch of the fit's own list (ST++ validates every epoch; each self-training stage has its
+    own list), and at the end; replaces eval.every (leave it 0)"""
     mode: str = ""
     """whole | sliding | multiscale | center_crop; empty = the dataset's default"""
     window: int = 0
@@ -199,6 +220,10 @@ class EvalConfig:
     """images per evaluation batch (images are grouped by size)"""
     max_images: int = 0
     """evaluate on the first N images only; 0 = all"""
+
+    def __post_init__(self):
+        if self.per_epoch and self.every > 0:
+            raise ValueError(f"per_epoch evaluates once per epoch: leave every at 0, got every={self.every}")
 
 
 @dataclass(frozen=True)
@@ -238,13 +263,11 @@ class Config:
 SECTIONS = ("data", "model", "optim", "train", "eval", "method")
 
 
-def method_config_class(name: str, where: str = "") -> type:
-    """The Config dataclass of method `name`."""
-    from semiseg.methods import METHODS
-
-    if name not in METHODS:
-        raise ConfigError(f"{where}method.name: unknown method {name!r}; choose from {', '.join(METHODS)}")
-    return METHODS[name].Config
+def method_config_class(name: str, methods: Mapping[str, Any], where: str = "") -> type:
+    """The Config dataclass of method `name` in `methods` (name -> anything with a `Config` class)."""
+    if name not in methods:
+        raise ConfigError(f"{where}method.name: unknown method {name!r}; choose from {', '.join(methods)}")
+    return methods[name].Config
 
 
 def _type_name(tp: Any) -> str:
@@ -338,8 +361,9 @@ def _build(cls: type, values: dict, prefix: str, where: str) -> Any:
         raise ConfigError(f"{where}{prefix.rstrip('.') or cls.__name__}: {err}") from None
 
 
-def from_dict(raw: dict, where: str = "") -> Config:
-    """Build a Config from a nested mapping; `where` prefixes error messages (e.g. 'configs/x.yaml: ')."""
+def from_dict(raw: dict, methods: Mapping[str, Any], where: str = "") -> Config:
+    """Build a Config from a nested mapping, the method section by `methods[name].Config`; `where` prefixes error
+    messages (e.g. 'configs/x.yaml: ')."""
     raw = dict(raw or {})
     for key in raw:
         if key not in SECTIONS:
@@ -348,7 +372,7 @@ def from_dict(raw: dict, where: str = "") -> Config:
     name = method_raw.get("name", MethodConfig.name)
     if not isinstance(name, str):
         raise ConfigError(f"{where}method.name: expected str, got {name!r}")
-    method_cls = method_config_class(name, where)
+    method_cls = method_config_class(name, methods, where)
     cfg = _build(Config, raw, "", where)
     method = _build(method_cls, method_raw, "method.", where)
     return dataclasses.replace(cfg, method=method)
@@ -431,17 +455,18 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML preset (or defaults when `path` is None) and apply `--set` overrides."""
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...], methods: Mapping[str, Any]) -> Config:
+    """Load a YAML preset (or defaults when `path` is None), apply `--set` overrides, validate against `methods`."""
     raw = read_yaml(path) if path else {}
     raw = apply_overrides(raw, list(overrides))
     where = f"{path}: " if path else ""
-    return from_dict(raw, where)
+    return from_dict(raw, methods, where)
 
 
 def replace(cfg: Config, **sections: dict) -> Config:
-    """Copy of `cfg` with some fields of some sections replaced: replace(cfg, optim={'lr': 0.1})."""
-    raw = to_dict(cfg)
+    """Copy of `cfg` with some fields of some sections replaced: replace(cfg, optim={'lr': 0.1}); validated."""
+    out = {}
     for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return from_dict(raw)
+        current = getattr(cfg, section)
+        out[section] = _build(type(current), {**to_dict(current), **values}, f"{section}.", "")
+    return dataclasses.replace(cfg, **out)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from semiseg import atomic
 from semiseg import config as config_mod
-from semiseg.engine.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from semiseg.engine.log import format_duration
 
 PRESETS = Path(__file__).parent / "presets"
@@ -66,7 +66,9 @@ def demo_config(
     demo = DEMOS[dataset]
     quick_sets = (QUICK if dataset == "synthetic" else QUICK_CAMVID) if quick else []
     overrides = [f"method.name={name}", *demo.methods[name], f"train.seed={seed}", *quick_sets, *extra]
-    return config_mod.load(demo.preset, overrides)
+    from semiseg.methods import load_config
+
+    return load_config(demo.preset, overrides)
 
 
 def camvid_inputs(data_root: str | None, pretrained: str | None, out: Path) -> list[str]:
@@ -122,7 +124,7 @@ def gallery(runs: dict, cfg: config_mod.Config, out: Path, count: int = 4) -> Pa
     for i, title in enumerate(["input", "ground truth", *runs]):
         draw.text((i * cell + 4, 2), title, fill="black")
     path = out / "gallery.png"
-    atomic_write_bytes(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic.write_bytes(path, lambda tmp: image.save(tmp, format="PNG"))
     return path
 
 
@@ -197,6 +199,6 @@ def run_demo(
     path = gallery(runs, base, out)
     print(f"\nrun folder: {out}  (models: */best.safetensors, metrics: */metrics.jsonl, predictions: {path.name})")
     print(f"total time {format_duration(time.perf_counter() - t0)}")
-    atomic_write_text(out / "summary.txt", summary + "\n")
-    atomic_write_json(out / "summary.json", {"config": config_mod.to_dict(base), "results": results, "gain": gain})
+    atomic.write_text(out / "summary.txt", summary + "\n")
+    atomic.write_json(out / "summary.json", {"config": config_mod.to_dict(base), "results": results, "gain": gain})
     return 0

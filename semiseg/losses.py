@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from semiseg.data.info import IGNORE
+from semiseg.ops import pixels, subsample
 
 
 def ce(logits: torch.Tensor, mask: torch.Tensor, ignore: int = IGNORE) -> torch.Tensor:
@@ -59,6 +60,13 @@ def masked_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, 
     return (per_pixel * w).sum() / valid.sum().clamp(min=1)
 
 
+def softmax_mse(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean Teacher's consistency: the squared distance sum_c (softmax(logits) - target)^2 per pixel, averaged over
+    the valid pixels; logits (B, C, H, W), target probabilities (B, C, H, W) (detach them), valid (B, H, W) bool."""
+    per_pixel = (logits.float().softmax(1) - target.float()).square().sum(1)
+    return (per_pixel * valid.float()).sum() / valid.sum().clamp(min=1)
+
+
 def standardized_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """DSSN's alignment: MSE between per-pixel standardised logits, z = (x - mean_c) / std_c (unbiased std).
 
@@ -107,8 +115,20 @@ def _class_mean(values: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
     return (sums / counts.clamp(min=1) * present).sum() / present.sum()
 
 
+def _limit(rows: list[torch.Tensor], limit: int, gen: torch.Generator | None) -> list[torch.Tensor]:
+    """The same random `limit` rows of every tensor (M, ...) when M > limit > 0 (CPU generator), else all."""
+    idx = subsample(rows[0].shape[0], limit, gen, rows[0].device) if gen is not None else None
+    return rows if idx is None else [r[idx] for r in rows]
+
+
 def bank_info_nce(
-    anchor: torch.Tensor, label: torch.Tensor, bank: torch.Tensor, bank_valid: torch.Tensor, tau: float = 0.1
+    anchor: torch.Tensor,
+    label: torch.Tensor,
+    bank: torch.Tensor,
+    bank_valid: torch.Tensor,
+    tau: float = 0.1,
+    limit: int = 0,
+    gen: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Pixel contrast against a per-class memory bank (CTT's high-level module).
 
@@ -116,8 +136,9 @@ def bank_info_nce(
     Each valid entry q+ of the anchor's class is a positive, every valid entry q- of another class a negative:
     loss = -log(e^{s(a,q+)/tau} / (e^{s(a,q+)/tau} + sum_q- e^{s(a,q-)/tau})), s = cosine similarity; averaged
     over positives, then over the anchors of a class, then over classes. Anchors whose class has no valid entry
-    are skipped; 0 when no anchor is left.
+    are skipped; 0 when no anchor is left. With limit > 0 and a generator, a random subset of `limit` anchors.
     """
+    anchor, label = _limit([anchor, label], limit, gen)
     num_classes, size, dim = bank.shape
     has_pos = bank_valid.any(dim=1)[label]
     anchor, label = anchor[has_pos], label[has_pos]
@@ -141,13 +162,17 @@ def peer_info_nce(
     bank: torch.Tensor,
     bank_valid: torch.Tensor,
     tau: float = 0.5,
+    limit: int = 0,
+    gen: torch.Generator | None = None,
 ) -> torch.Tensor:
     """InfoNCE with one given positive per anchor and memory-bank negatives (CTT's low-level module).
 
     anchor, positive (M, D) (detach the positive to make it a target); label (M,): the class whose bank entries
     are NOT negatives (the peer's prediction); bank (C, N, D), bank_valid (C, N). Cosine similarity over tau;
-    averaged over the anchors of a label, then over labels; 0 when M = 0.
+    averaged over the anchors of a label, then over labels; 0 when M = 0. With limit > 0 and a generator, a random
+    subset of `limit` anchors.
     """
+    anchor, positive, label = _limit([anchor, positive, label], limit, gen)
     num_classes, size, dim = bank.shape
     if anchor.shape[0] == 0:
         return anchor.sum() * 0.0
@@ -159,6 +184,45 @@ def peer_info_nce(
     neg_lse = sim.masked_fill(~negative, float("-inf")).logsumexp(dim=1)
     per_anchor = torch.logaddexp(pos, neg_lse) - pos
     return _class_mean(per_anchor, label, num_classes)
+
+
+def high_level_contrast(
+    feat_l: torch.Tensor,
+    gt: torch.Tensor,
+    feat_u: torch.Tensor,
+    label_u: torch.Tensor,
+    sure: torch.Tensor,
+    bank: torch.Tensor,
+    bank_valid: torch.Tensor,
+    tau: float,
+    limit: int = 0,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """CTT's high-level term: bank_info_nce of the labeled pixels (feat_l (B, D, h, w) where gt (B, h, w) is not
+    IGNORE, class gt) and the sure unlabeled pixels (feat_u where sure (B, h, w), class label_u) against the bank."""
+    emb_l, emb_u = F.normalize(feat_l.float(), dim=1), F.normalize(feat_u.float(), dim=1)
+    known = gt != IGNORE
+    anchors = torch.cat([pixels(emb_l, known), pixels(emb_u, sure)])
+    labels = torch.cat([gt[known], label_u[sure]])
+    return bank_info_nce(anchors, labels, bank, bank_valid, tau, limit, gen)
+
+
+def low_level_contrast(
+    feat: torch.Tensor,
+    peer_feat: torch.Tensor,
+    peer_label: torch.Tensor,
+    unsure: torch.Tensor,
+    bank: torch.Tensor,
+    bank_valid: torch.Tensor,
+    tau: float,
+    limit: int = 0,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """CTT's low-level term: peer_info_nce pulling feat (B, D, h, w) at the unsure pixels (B, h, w) towards the
+    detached peer feature there (class peer_label (B, h, w)), the bank's other classes as negatives."""
+    anchors = pixels(F.normalize(feat.float(), dim=1), unsure)
+    positives = pixels(F.normalize(peer_feat.detach().float(), dim=1), unsure)
+    return peer_info_nce(anchors, positives, peer_label[unsure], bank, bank_valid, tau, limit, gen)
 
 
 def feature_cosine(feats: list[torch.Tensor]) -> torch.Tensor:

@@ -6,8 +6,9 @@ Shapes: logits (B, C, H, W); label (B, H, W) long; conf (B, H, W) float; pad / b
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from semiseg.data.augment import mix
+from semiseg.data.info import IGNORE
 
 
 def pseudo_label(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,19 +21,6 @@ def pseudo_label(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def confident(conf: torch.Tensor, tau: float) -> torch.Tensor:
     """Float weight 1[conf >= tau]; tau = 0 keeps every pixel."""
     return (conf >= tau).float()
-
-
-def cutmix_targets(
-    label: torch.Tensor,
-    conf: torch.Tensor,
-    pad: torch.Tensor,
-    label_p: torch.Tensor,
-    conf_p: torch.Tensor,
-    pad_p: torch.Tensor,
-    box: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Targets of a CutMix-composed strong view: inside `box` the partner's label, confidence and padding."""
-    return mix(label, label_p, box), mix(conf, conf_p, box), mix(pad, pad_p, box)
 
 
 def mask_ratio(conf: torch.Tensor, tau: float, pad: torch.Tensor) -> torch.Tensor:
@@ -54,14 +42,38 @@ def roll(t: torch.Tensor) -> torch.Tensor:
     return t.roll(1, dims=0)
 
 
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int = IGNORE) -> torch.Tensor:
+    """(C, C) int64 pixel counts, rows = ground truth, columns = prediction; `ignore` pixels excluded.
+
+    pred, target: integer tensors of one shape on one device. A target value >= C other than `ignore` is a
+    ValueError (a silently dropped label would hide a dataset bug).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    c = num_classes
+    target = target.long()
+    # Ignored pixels go to bucket 0 and real pairs to 1..C*C, so any label >= C lengthens the bincount.
+    index = torch.where(target != ignore, c * target + pred.long() + 1, 0)
+    counts = torch.bincount(index.flatten(), minlength=c * c + 1)
+    if counts.numel() > c * c + 1:
+        raise ValueError(f"label values outside 0..{c - 1} that are not the ignore index {ignore}")
+    return counts[1:].reshape(c, c)
+
+
+def class_iou(tp: torch.Tensor, predicted: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+    """IoU per class (C,) float64 = TP / (predicted + actual - TP) from per-class pixel counts (C,) each; NaN for a
+    class absent from prediction and ground truth (0 / 0), which nan-means then leave out."""
+    tp = tp.double()
+    return tp / (predicted.double() + actual.double() - tp)
+
+
 def map_miou(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> torch.Tensor:
     """mIoU in [0, 1] of label map `pred` against `ref` (same shape, integer): the nan-mean over classes present in
     either map (ST++'s meanIOU); pixels with a value outside 0..num_classes-1 in either map are left out; scalar."""
     c = num_classes
     valid = (ref >= 0) & (ref < c) & (pred >= 0) & (pred < c)
-    cm = torch.bincount((ref[valid] * c + pred[valid]).long(), minlength=c * c).view(c, c).double()
-    tp = cm.diag()
-    return (tp / (cm.sum(0) + cm.sum(1) - tp)).nanmean()
+    cm = confusion_matrix(pred[valid], ref[valid], c)
+    return class_iou(cm.diag(), cm.sum(0), cm.sum(1)).nanmean()
 
 
 def stability_score(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -141,3 +153,35 @@ def fifo_push(bank: torch.Tensor, ptr: torch.Tensor, items: torch.Tensor) -> tup
     kept = items[-size:].to(bank.dtype)
     slots = (ptr + (n - kept.shape[0]) + torch.arange(kept.shape[0], device=bank.device)) % size
     return bank.index_copy(0, slots, kept), (ptr + n) % size
+
+
+def sample_pixels(
+    maps: list[torch.Tensor], valid: torch.Tensor, n: int, gen: torch.Generator
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Up to n random valid pixels per image, the same pixels from every map (B, D, h, w): ([(B, n', D), ...], valid
+    (B, n')), n' = min(n, h w). valid (B, H, W) bool is resized to (h, w) (nearest); invalid pixels are drawn only
+    when an image has fewer than n' valid ones, and are marked so. Drawn on the CPU from `gen`."""
+    b, _, h, w = maps[0].shape
+    valid = F.interpolate(valid[:, None].float(), size=(h, w), mode="nearest")[:, 0].bool().flatten(1)
+    n = min(n, h * w)
+    score = torch.rand(b, h * w, generator=gen).to(valid.device).masked_fill(~valid, 2.0)
+    idx = score.topk(n, dim=1, largest=False).indices
+    picked = [m.flatten(2).gather(2, idx[:, None].expand(-1, m.shape[1], -1)).transpose(1, 2) for m in maps]
+    return picked, valid.gather(1, idx)
+
+
+def resize_nearest(x: torch.Tensor, size) -> torch.Tensor:
+    """(B, H, W) map of any dtype -> (B, *size), nearest (how the reference code downsamples labels to features)."""
+    return F.interpolate(x[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(x.dtype)
+
+
+def pixels(feat: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """The feature vectors (M, D) of feat (B, D, h, w) at the M pixels where (B, h, w) is set."""
+    return feat.permute(0, 2, 3, 1)[where]
+
+
+def subsample(n: int, limit: int, gen: torch.Generator, device) -> torch.Tensor | None:
+    """Indices of a random subset of `limit` of n rows (CPU generator), or None to keep all (limit 0 or n <= limit)."""
+    if limit <= 0 or n <= limit:
+        return None
+    return torch.randperm(n, generator=gen)[:limit].to(device)

@@ -7,7 +7,6 @@ blended with the colour mask). Large images go through sliding windows in mode '
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -18,6 +17,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from semiseg import atomic
+from semiseg.data.datasets import index_image
 from semiseg.data.info import DatasetInfo
 from semiseg.engine.evaluate import predict, to_unit
 from semiseg.errors import DataError
@@ -65,23 +66,9 @@ def overlay(image: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndar
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
-def index_image(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
-    """Palette ('P') PIL image whose pixel values are the class indices of uint8 (H, W) `mask`."""
-    im = Image.fromarray(mask)
-    flat = [c for rgb in palette[:256] for c in rgb]
-    im.putpalette(flat + [0] * (768 - len(flat)))
-    return im
-
-
-def _save_atomic(im: Image.Image, path: Path) -> None:
-    """Save to a temporary name in the same folder, then rename: readers never see half a file."""
+def _save(im: Image.Image, path: Path) -> None:
     fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}[path.suffix.lower()]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        im.save(tmp, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_bytes(path, lambda tmp: im.save(tmp, format=fmt, **({"quality": 90} if fmt == "JPEG" else {})))
 
 
 def _outputs(path: Path, out_dir: Path, overlay_ext: str) -> tuple[Path, Path, Path]:
@@ -161,9 +148,9 @@ def predict_images(
             )
             mask = scores[0].argmax(0).to(torch.uint8).cpu().numpy()
             color = colorize(mask, info.palette)
-            _save_atomic(index_image(mask, info.palette), index_path)
-            _save_atomic(Image.fromarray(color), color_path)
-            _save_atomic(Image.fromarray(overlay(image, color, alpha)), overlay_path)
+            _save(index_image(mask, info.palette), index_path)
+            _save(Image.fromarray(color), color_path)
+            _save(Image.fromarray(overlay(image, color, alpha)), overlay_path)
         written.append(index_path)
         _progress(done, len(paths), start)
     return written

@@ -19,8 +19,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from semiseg.bench import REFERENCES, TABLE_HEADER, format_mean_std, protocol_lines, read_results, table_rows
 from semiseg.errors import CheckpointError, DataError
+from semiseg.results import (
+    PSEUDO_LABEL_CAPTION,
+    PSEUDO_LABEL_HEADER,
+    REFERENCES,
+    TABLE_HEADER,
+    format_mean_std,
+    protocol_lines,
+    pseudo_label_rows,
+    read_results,
+    run_folder_name,
+    table_rows,
+)
 
 PLOTS_HINT = "plots need matplotlib: pip install semiseg[report]"
 
@@ -92,7 +103,6 @@ def _figure_png(plt, fig) -> bytes:
 
 
 def _run_dir(bench_dir: Path, name: str, seed: int | str) -> Path:
-    from semiseg.bench import run_folder_name
 
     return bench_dir / "runs" / run_folder_name(name) / f"seed{seed}"
 
@@ -203,8 +213,9 @@ def gallery_html(results: dict, bench_dir: Path, n_images: int, data_root: str |
     """Rows of input | ground truth | each method's prediction (best checkpoint, first seed) on fixed images."""
     import dataclasses
 
-    from semiseg.bench import load_export
     from semiseg.data.datasets import build_dataset
+    from semiseg.engine.checkpoint import load_export
+    from semiseg.methods import METHODS
     from semiseg.predict import colorize
 
     protocol = results["protocol"]
@@ -216,7 +227,7 @@ def gallery_html(results: dict, bench_dir: Path, n_images: int, data_root: str |
             problems.append(f"{name}: no {export}")
             continue
         try:
-            cfg, model, info = load_export(export)
+            cfg, model, info = load_export(export, METHODS)
         except CheckpointError as err:
             problems.append(str(err))
             continue
@@ -315,7 +326,6 @@ def class_table_html(results: dict) -> str:
 
 def pseudo_label_html(results: dict) -> str:
     """The pseudo-label quality table of self-training runs (results.md's), or nothing when no run has one."""
-    from semiseg.bench import PSEUDO_LABEL_CAPTION, PSEUDO_LABEL_HEADER, pseudo_label_rows
 
     rows = pseudo_label_rows(results)
     if not rows:
@@ -328,7 +338,7 @@ def pseudo_label_html(results: dict) -> str:
 
 def write_report(bench_dir: str | Path, n_images: int = 4, data_root: str | None = None) -> Path:
     """Write bench_dir/report.html from results.json, the runs' metrics.jsonl and best exports; its path."""
-    from semiseg.engine.checkpoint import atomic_write_text
+    from semiseg import atomic
 
     bench_dir = Path(bench_dir)
     results = read_results(bench_dir)
@@ -362,5 +372,5 @@ def write_report(bench_dir: str | Path, n_images: int = 4, data_root: str | None
 </body></html>
 """
     path = bench_dir / "report.html"
-    atomic_write_text(path, page)
+    atomic.write_text(path, page)
     return path

@@ -23,14 +23,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from semiseg import atomic
 from semiseg.data.datasets import resolve_train_split
 from semiseg.data.info import DatasetInfo
 from semiseg.engine import checkpoint, dist
 from semiseg.engine.evaluate import predict_whole
 from semiseg.errors import CheckpointError
+from semiseg.methods import METHODS
+from semiseg.methods.selftrain import SCORES, SELECT, TEACHER, image_tensor, rank_least_stable, snapshot_predictions
 from semiseg.ops import stability_score
 from semiseg.predict import colorize
-from semiseg.selftrain import SCORES, SELECT, TEACHER, image_tensor, rank_least_stable, snapshot_predictions
 
 THUMB = 200
 """longest side of a thumbnail in pixels"""
@@ -104,7 +106,7 @@ def write_html(
         + "".join(rows)
         + "</table></body></html>\n"
     )
-    checkpoint.atomic_write_text(path, page)
+    atomic.write_text(path, page)
 
 
 def suggest(
@@ -119,7 +121,7 @@ def suggest(
     if budget < 1:
         raise CheckpointError(f"--budget {budget}: suggest at least one image")
     exports, source = find_exports(run_dir)
-    cfg, reference, info = checkpoint.load_export(exports[-1], overrides)
+    cfg, reference, info = checkpoint.load_export(exports[-1], METHODS, overrides)
     dev = dist.init(device or cfg.train.device)
     unlabeled = resolve_train_split(cfg.data)[1]
     stored = run_dir / SELECT / SCORES
@@ -128,7 +130,7 @@ def suggest(
         ids = list(scores)
         source += f"; scores read from {stored}"
     else:
-        nets = [checkpoint.load_export(p, overrides)[1].to(dev) for p in exports]
+        nets = [checkpoint.load_export(p, METHODS, overrides)[1].to(dev) for p in exports]
         ids = unlabeled.ids
         scores = {
             sample.id: float(stability_score(preds, info.num_classes))
@@ -138,8 +140,8 @@ def suggest(
     top = ranked[:budget]
     out = Path(out) if out else run_dir / "suggest"
     header = f"# stability from {source}\n# id stability (mIoU in [0, 1] between snapshots; least stable first)\n"
-    checkpoint.atomic_write_text(out / "suggest.txt", header + "".join(f"{i} {s:.6f}\n" for i, s in top))
-    checkpoint.atomic_write_json(out / "scores.json", {"source": source, "scores": dict(ranked)})
+    atomic.write_text(out / "suggest.txt", header + "".join(f"{i} {s:.6f}\n" for i, s in top))
+    atomic.write_json(out / "scores.json", {"source": source, "scores": dict(ranked)})
     chosen = unlabeled.subset([i for i, _ in top])
     reference = reference.to(dev)
     images, preds = [], []

@@ -2,10 +2,10 @@
 
 import torch
 
-from semiseg import config as C
 from semiseg.data.batch import Batch, LabeledBatch, UnlabeledBatch
 from semiseg.data.datasets import dataset_info
 from semiseg.engine.loop import Context
+from semiseg.methods import load_config
 
 
 def random_batch(num_classes, n=2, size=32, seed=0, ignore_rows=0):
@@ -22,7 +22,7 @@ def random_batch(num_classes, n=2, size=32, seed=0, ignore_rows=0):
 
 def method_nets(module, tiny, *sets):
     """(cfg, info, nets in train mode) of a method module on the tiny overrides, seeded."""
-    cfg = C.load(None, tiny + [f"method.name={module.Config.name}", *sets])
+    cfg = load_config(None, tiny + [f"method.name={module.Config.name}", *sets])
     info = dataset_info(cfg.data)
     torch.manual_seed(0)
     nets = module.build(cfg, info)

@@ -5,11 +5,13 @@ import pytest
 import yaml
 from test_fetch import make_camvid
 
-from semiseg import bench
+from semiseg import bench, results
 from semiseg import config as config_mod
-from semiseg.bench import format_markdown, gap_closed, mean_std, method_section, summarize
+from semiseg.bench import method_section
 from semiseg.cli import main
 from semiseg.config import ConfigError
+from semiseg.methods import METHODS, load_config
+from semiseg.results import format_markdown, gap_closed, mean_std, summarize
 
 TINY_BENCH = [
     "data.resize=1.0",
@@ -53,9 +55,9 @@ def test_mean_std_over_seeds():
     m, s = mean_std([5.0])
     assert m == 5.0 and math.isnan(s)
     assert all(math.isnan(v) for v in mean_std([]))
-    assert bench.format_mean_std(62.3149, 0.456) == "62.31 ± 0.46"
-    assert bench.format_mean_std(62.3149, math.nan) == "62.31"
-    assert bench.format_mean_std(None, None) == "n/a"
+    assert results.format_mean_std(62.3149, 0.456) == "62.31 ± 0.46"
+    assert results.format_mean_std(62.3149, math.nan) == "62.31"
+    assert results.format_mean_std(None, None) == "n/a"
 
 
 def _record(miou_best, miou_last, seconds, ips):
@@ -155,7 +157,7 @@ def test_method_section_merge_order(tmp_path):
     assert got["strong"] == {"cutmix_p": 1} and got["criterion"] == "ce"
     sup = method_section("supervised", preset_method, tmp_path / "supervised.yaml", ["method.w_fp=0.3"], "")
     assert sup == {"name": "supervised", "criterion": "ce"}  # tau and w_fp are not supervised fields
-    config_mod.from_dict({"method": got})  # valid for unimatch.Config
+    config_mod.from_dict({"method": got}, METHODS)  # valid for unimatch.Config
     method_file.write_text("method:\n  tau: 0.8\ntrain:\n  iters: 5\n")
     with pytest.raises(ConfigError, match="holds only a method: section"):
         method_section("unimatch", {}, method_file, [], "")
@@ -186,14 +188,14 @@ def test_bench_presets_and_their_method_files_are_valid(preset):
 
     path = bench.resolve_preset(preset)
     raw = config_mod.read_yaml(path)
-    cfg = config_mod.from_dict(raw, f"{path}: ")
+    cfg = config_mod.from_dict(raw, METHODS, f"{path}: ")
     assert cfg.data.val_split and cfg.train.iters > 0 and cfg.train.full_iters >= cfg.train.iters
     assert cfg.model.pretrained == "imagenet"  # the benchmarks are about fine-tuning a pretrained encoder
     files = sorted(p.stem for p in path.parent.glob("*.yaml") if p.name != "bench.yaml")
     assert files and set(files) <= set(METHODS)
     for name in files:
         section = method_section(name, raw.get("method") or {}, path.parent / f"{name}.yaml", [], "")
-        assert config_mod.from_dict({**raw, "method": section}).method.name == name
+        assert config_mod.from_dict({**raw, "method": section}, METHODS).method.name == name
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +302,7 @@ def test_parse_method_variants():
         "ctt",
         ["method.contrast=false", "method.w_high=0.2"],
     )
-    assert bench.run_folder_name("dssn:align=none") == "dssn+align=none"
+    assert results.run_folder_name("dssn:align=none") == "dssn+align=none"
     assert bench.parse_method("unimatch:train.mix_partner=stream") == ("unimatch", ["train.mix_partner=stream"])
     with pytest.raises(ConfigError, match="the data is the bench's"):
         bench.parse_method("unimatch:data.crop=64")
@@ -358,22 +360,22 @@ def test_run_lock_makes_a_second_bench_wait(tmp_path):
 
 
 def test_check_run_config_accepts_a_field_added_since_at_its_default(tmp_path):
-    cfg = config_mod.load(None, ["method.name=unimatch"])
+    cfg = load_config(None, ["method.name=unimatch"])
     old = config_mod.to_dict(cfg)
     del old["method"]["joint_forward"]  # the run was trained before this field existed
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     bench.check_run_config(tmp_path, cfg)
-    changed = config_mod.load(None, ["method.name=unimatch", "method.joint_forward=false"])
+    changed = load_config(None, ["method.name=unimatch", "method.joint_forward=false"])
     with pytest.raises(ConfigError, match="method.joint_forward=None, this command now asks False"):
         bench.check_run_config(tmp_path, changed)
 
 
 def test_check_run_config_reads_the_old_file_as_typed_values(tmp_path):
     # A run saved `channels_last: true` before the field took auto/on/off: the same setting as "on".
-    cfg = config_mod.load(None, ["train.channels_last=on"])
+    cfg = load_config(None, ["train.channels_last=on"])
     old = config_mod.to_dict(cfg)
     old["train"]["channels_last"] = True
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     bench.check_run_config(tmp_path, cfg)
     with pytest.raises(ConfigError, match="channels_last"):
-        bench.check_run_config(tmp_path, config_mod.load(None, ["train.channels_last=off"]))
+        bench.check_run_config(tmp_path, load_config(None, ["train.channels_last=off"]))

@@ -13,8 +13,10 @@ from semiseg.data.datasets import dataset_info
 from semiseg.data.info import IGNORE
 from semiseg.engine.checkpoint import load_export
 from semiseg.engine.loop import Context
+from semiseg.engine.run import train
 from semiseg.losses import ce
-from semiseg.methods import bst
+from semiseg.methods import METHODS, bst, load_config
+from semiseg.models import BranchNet
 from semiseg.ops import drop_pixels, entropy_weights, fuse_branches, input_noise, noisy_argmax
 
 
@@ -63,7 +65,7 @@ def test_input_noise_changes_selected_images_only():
 
 
 def _tiny(tiny, *extra):
-    return C.load(None, tiny + ["method.name=bst", "train.iters=2", "method.tta_scales=[1.0,0.5]", *extra])
+    return load_config(None, tiny + ["method.name=bst", "train.iters=2", "method.tta_scales=[1.0,0.5]", *extra])
 
 
 def _grads(module):
@@ -102,7 +104,9 @@ def test_forward_is_the_fused_prediction_and_labels_fuse_the_branches(tiny_overr
         out = net.forward_branches(x)
         assert torch.equal(net(x), out.fused)
         mean = torch.stack([z.softmax(1) for z in out.branches]).mean(0)
-    plain = C.load(None, ["method.name=bst", "method.fusion=mean", "method.pl_noise=none", "method.tta_scales=[1]"])
+    plain = load_config(
+        None, ["method.name=bst", "method.fusion=mean", "method.pl_noise=none", "method.tta_scales=[1]"]
+    )
     plain = dataclasses.replace(plain.method, tta_flip=False)
     assert torch.equal(bst.label(net, x, g, plain), mean.argmax(1))
     assert torch.equal(bst.predict(net, x, plain), mean.argmax(1))
@@ -142,7 +146,7 @@ def test_bst_run_with_flip_noise_and_separate_networks(tiny_overrides, tmp_path)
         "method.branch_mode=separate",
         "method.w_diversity=0.1",
     )
-    results = bst.run(cfg, tmp_path / "run")
+    results = train(cfg, tmp_path / "run", bst)
     assert list(results["stages"]) == ["1_teacher", "2_label", "3_student"]
     labels = np.stack(
         [np.array(Image.open(p)) for p in sorted((tmp_path / "run" / "2_label" / "pseudo").glob("*.png"))]
@@ -150,15 +154,15 @@ def test_bst_run_with_flip_noise_and_separate_networks(tiny_overrides, tmp_path)
     assert labels.shape == (16, 32, 32)
     assert 0.15 < (labels == IGNORE).mean() < 0.25
     assert labels[labels != IGNORE].max() < 7
-    _, net, _ = load_export(tmp_path / "run" / "best.safetensors")
-    assert isinstance(net, bst.BranchNet) and len(net.encoders) == 2
+    _, net, _ = load_export(tmp_path / "run" / "best.safetensors", METHODS)
+    assert isinstance(net, BranchNet) and len(net.encoders) == 2
     assert net(torch.randn(1, 3, 32, 32)).shape == (1, 7, 32, 32)
 
 
 def test_bad_bst_settings_are_one_line_errors():
     with pytest.raises(C.ConfigError, match="branches"):
-        C.load(None, ["method.name=bst", "method.branches=[context,edges]"])
+        load_config(None, ["method.name=bst", "method.branches=[context,edges]"])
     with pytest.raises(C.ConfigError, match="pl_noise"):
-        C.load(None, ["method.name=bst", "method.pl_noise=salt"])
+        load_config(None, ["method.name=bst", "method.pl_noise=salt"])
     with pytest.raises(C.ConfigError, match="branch_mode"):
-        C.load(None, ["method.name=bst", "method.branch_mode=twin"])
+        load_config(None, ["method.name=bst", "method.branch_mode=twin"])

@@ -10,6 +10,7 @@ from method_helpers import ctx_at, method_nets, random_batch
 from semiseg import config as C
 from semiseg.losses import bank_info_nce, paired_info_nce, peer_info_nce
 from semiseg.methods import ctt
+from semiseg.models.memory_bank import MemoryBank
 from semiseg.ops import fifo_push
 
 
@@ -49,7 +50,7 @@ def test_fifo_push_evicts_the_oldest_and_wraps_the_pointer():
 
 
 def test_memory_bank_counts_fill_and_normalises():
-    bank = ctt.MemoryBank(num_classes=3, size=4, dim=2)
+    bank = MemoryBank(num_classes=3, size=4, dim=2)
     bank.push(1, torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
     assert bank.count.tolist() == [0, 2, 0] and bank.valid()[1].tolist() == [True, True, False, False]
     assert torch.allclose(bank.feats[1, 0], torch.tensor([0.6, 0.8]))
@@ -216,13 +217,17 @@ def test_contrast_waits_for_every_class_or_the_warmup_step(tiny_overrides):
     assert out.logs["train/contrast_on"] == 0 and out.logs["train/loss_high"] == 0
     out = ctt.train_step(nets, batch, cfg.method, ctx_at(cfg, info, 3))
     assert out.logs["train/contrast_on"] == 1
+    no_warmup = C.replace(cfg, method={"bank_warmup_steps": 0}).method
     for cls in range(info.num_classes - 1):
         nets["bank_a"].push(cls, torch.ones(1, nets["bank_a"].feats.shape[2]))
         nets["bank_b"].push(cls, torch.ones(1, nets["bank_b"].feats.shape[2]))
-    assert not ctt._contrast_ready(nets, cfg.method.__class__(), 0)  # one class still empty
+    out = ctt.train_step(copy.deepcopy(nets), batch, no_warmup, ctx_at(cfg, info, 0))
+    assert out.logs["train/contrast_on"] == 0  # one class still empty
     nets["bank_a"].push(info.num_classes - 1, torch.ones(1, nets["bank_a"].feats.shape[2]))
+    assert not nets["bank_b"].filled() and nets["bank_a"].filled()
     nets["bank_b"].push(info.num_classes - 1, torch.ones(1, nets["bank_b"].feats.shape[2]))
-    assert ctt._contrast_ready(nets, cfg.method.__class__(), 0)
+    out = ctt.train_step(copy.deepcopy(nets), batch, no_warmup, ctx_at(cfg, info, 0))
+    assert out.logs["train/contrast_on"] == 1
 
 
 def test_after_step_ema_and_bank_feed(tiny_overrides):
@@ -274,3 +279,46 @@ def test_runs_without_unlabeled_ground_truth(tiny_overrides):
     batch.u.mask = None
     out = ctt.train_step(nets, batch, cfg.method, ctx_at(cfg, info, 0))
     assert torch.isfinite(out.loss) and "train/pl_acc" not in out.logs
+
+
+def test_the_vocs_preset_network_has_the_references_shapes():
+    # cross_teacher_deeplabv3+.py builds CPS's SingleNetwork: a v1c ResNet-101 whose layer4 blocks alone are dilated
+    # (2, 4, 8: output stride 16) and CPS's Head with ASPP(2048, 256, [6, 12, 18]) (deeplabv3plus/network.py)
+    from pathlib import Path
+
+    from semiseg.methods import load_config
+    from semiseg.models import build_model
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "pascal" / "ctt_r101_92.yaml"
+    cfg = load_config(preset, ["model.pretrained="])
+    model = build_model(cfg.model, 21)
+    layer4 = model.backbone.layer4
+    assert [b.conv2.dilation for b in layer4] == [(2, 2), (4, 4), (8, 8)]
+    assert [b.conv2.stride for b in layer4] == [(1, 1)] * 3 and layer4[0].downsample[0].stride == (1, 1)
+    assert model.backbone.layer3[0].conv2.stride == (2, 2) and model.backbone.layer3[1].conv2.dilation == (1, 1)
+    with torch.no_grad():
+        c1, _, _, c4 = model.eval().encode(torch.zeros(1, 3, 64, 64))
+    assert c1.shape == (1, 256, 16, 16) and c4.shape == (1, 2048, 4, 4)
+    conv = lambda o, i, k: (o, i, k, k)  # noqa: E731
+    bn = lambda c, name: {f"{name}.weight": (c,), f"{name}.bias": (c,)}  # noqa: E731
+    reference = {
+        "aspp.map_convs.0.weight": conv(256, 2048, 1),
+        **{f"aspp.map_convs.{i}.weight": conv(256, 2048, 3) for i in (1, 2, 3)},
+        **bn(1024, "aspp.map_bn"),  # BN over the concatenated 1x1 + 3 atrous branches
+        "aspp.global_pooling_conv.weight": conv(256, 2048, 1),
+        **bn(256, "aspp.global_pooling_bn"),
+        "aspp.red_conv.weight": conv(256, 1024, 1),  # 4 x 256 in: the pooled branch is added, not concatenated
+        "aspp.pool_red_conv.weight": conv(256, 256, 1),
+        **bn(256, "aspp.red_bn"),
+        "reduce.0.weight": conv(48, 256, 1),
+        **bn(48, "reduce.1"),
+        "last_conv.0.weight": conv(256, 304, 3),
+        **bn(256, "last_conv.1"),
+        "last_conv.3.weight": conv(256, 256, 3),
+        **bn(256, "last_conv.4"),
+        "classifier.weight": conv(21, 256, 1),
+        "classifier.bias": (21,),
+    }
+    assert {k: tuple(p.shape) for k, p in model.head.named_parameters()} == reference
+    assert [m.dilation for m in model.head.aspp.map_convs] == [(1, 1), (6, 6), (12, 12), (18, 18)]
+    assert isinstance(model.head.aspp.leak_relu, torch.nn.LeakyReLU) and model.head.out_channels == 256

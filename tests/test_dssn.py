@@ -9,7 +9,7 @@ from method_helpers import ctx_at, method_nets, random_batch
 from semiseg import config as C
 from semiseg.data.datasets import dataset_info
 from semiseg.losses import standardized_mse
-from semiseg.methods import dssn
+from semiseg.methods import dssn, load_config
 from semiseg.ops import class_aware_selection
 
 
@@ -172,10 +172,10 @@ def test_options_train_the_student_only(tiny_overrides, sets):
 
 
 def test_infonce_needs_a_projection_head_and_mse_drops_it(tiny_overrides):
-    cfg = C.load(None, tiny_overrides + ["method.name=dssn", "method.align=infonce"])
+    cfg = load_config(None, tiny_overrides + ["method.name=dssn", "method.align=infonce"])
     with pytest.raises(C.ConfigError, match="proj_dim"):
         dssn.build(cfg, dataset_info(cfg.data))
-    cfg = C.load(None, tiny_overrides + ["method.name=dssn", "model.proj_dim=8"])
+    cfg = load_config(None, tiny_overrides + ["method.name=dssn", "model.proj_dim=8"])
     assert dssn.build(cfg, dataset_info(cfg.data))["student"].projector is None
     with pytest.raises(C.ConfigError, match="align"):
-        C.load(None, tiny_overrides + ["method.name=dssn", "method.align=cosine"])
+        load_config(None, tiny_overrides + ["method.name=dssn", "method.align=cosine"])

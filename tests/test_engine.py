@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,10 +9,11 @@ from torch import nn
 from semiseg import config as C
 from semiseg.engine import checkpoint
 from semiseg.engine.ema import ema_update, mean_teacher_keep
-from semiseg.engine.loop import StepOut, fit
-from semiseg.engine.optim import build_optimizer, param_groups, poly_lr
+from semiseg.engine.loop import StepOut, TrainData, fit, snapshot_name, snapshot_steps
+from semiseg.engine.optim import build_optimizer, param_groups, poly_lr, set_lr
+from semiseg.engine.run import TrainStage, WorkStage, train
 from semiseg.errors import CheckpointError, TrainingError
-from semiseg.methods import supervised
+from semiseg.methods import load_config, supervised
 
 
 def losses(run_dir):
@@ -104,7 +106,9 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_overrides, name):
     from semiseg.methods import METHODS
 
     method = METHODS[name]
-    cfg = C.load(None, tiny_overrides + ["train.iters=6", "train.ckpt_every=3", "eval.every=0", f"method.name={name}"])
+    cfg = load_config(
+        None, tiny_overrides + ["train.iters=6", "train.ckpt_every=3", "eval.every=0", f"method.name={name}"]
+    )
     full = fit(cfg, tmp_path / "full", method, quiet=True)
     fit(cfg, tmp_path / "cut", method, quiet=True, stop_after=4)  # killed one step after the checkpoint
     assert (tmp_path / "cut" / "last.pt").is_file() and not (tmp_path / "cut" / "results.json").exists()
@@ -138,7 +142,7 @@ class NanMethod:
 
 
 def test_non_finite_loss_stops_with_loss_dict_and_keeps_checkpoint(tmp_path, tiny_overrides):
-    cfg = C.load(None, tiny_overrides + ["train.iters=5", "train.ckpt_every=1"])
+    cfg = load_config(None, tiny_overrides + ["train.iters=5", "train.ckpt_every=1"])
     with pytest.raises(TrainingError) as e:
         fit(cfg, tmp_path / "run", NanMethod, quiet=True)
     msg = str(e.value)
@@ -154,10 +158,10 @@ def test_normalisation_travels_with_the_export(tmp_path, tiny_overrides):
     from semiseg.methods import METHODS
 
     sets = ["train.iters=2", "model.input_mean=[0.2,0.3,0.4]", "model.input_std=[0.5,0.25,0.125]"]
-    cfg = C.load(None, tiny_overrides + sets)
+    cfg = load_config(None, tiny_overrides + sets)
     fit(cfg, tmp_path / "run", METHODS["supervised"], quiet=True)
     reloaded_cfg, model, _ = checkpoint.load_export(
-        tmp_path / "run" / "best.safetensors", ["model.input_mean=[]", "model.input_std=[]"]
+        tmp_path / "run" / "best.safetensors", METHODS, ["model.input_mean=[]", "model.input_std=[]"]
     )
     assert reloaded_cfg.model.input_mean == ()
     x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
@@ -192,7 +196,7 @@ def test_cpu_mixed_precision_follows_the_processor(monkeypatch, amp, native, exp
     from semiseg.engine import loop
 
     monkeypatch.setattr(loop, "cpu_native_bf16", lambda: native)
-    cfg = C.load(None, [f"train.amp={amp}"])
+    cfg = load_config(None, [f"train.amp={amp}"])
     assert loop.amp_dtype(cfg, torch.device("cpu")) == expected
 
 
@@ -200,16 +204,151 @@ def test_cpu_fp16_is_refused_and_yaml_off_means_off():
     from semiseg.engine import loop
 
     with pytest.raises(C.ConfigError, match="fp16"):
-        loop.amp_dtype(C.load(None, ["train.amp=fp16"]), torch.device("cpu"))
-    assert C.load(None, ["train.amp=off", "train.channels_last=off"]).train.amp == "off"  # YAML reads `off` as false
+        loop.amp_dtype(load_config(None, ["train.amp=fp16"]), torch.device("cpu"))
+    assert load_config(None, ["train.amp=off", "train.channels_last=off"]).train.amp == "off"  # YAML: off = false
     with pytest.raises(C.ConfigError, match="channels_last"):
-        C.load(None, ["train.channels_last=sometimes"])
+        load_config(None, ["train.channels_last=sometimes"])
 
 
 def test_channels_last_auto_is_cuda_only():
     from semiseg.engine.loop import channels_last
 
-    cfg = C.load(None, [])
+    cfg = load_config(None, [])
     assert cfg.train.channels_last == "auto"
     assert channels_last(cfg, torch.device("cuda")) and not channels_last(cfg, torch.device("cpu"))
-    assert channels_last(C.load(None, ["train.channels_last=on"]), torch.device("cpu"))
+    assert channels_last(load_config(None, ["train.channels_last=on"]), torch.device("cpu"))
+
+
+def test_snapshot_steps_by_hand():
+    assert snapshot_steps(9, 3) == [3, 6, 9]
+    assert snapshot_steps(10, 3) == [3, 6, 10]
+    assert snapshot_steps(2, 3) == [1, 1, 2]  # fewer steps than snapshots: two exports after step 1
+
+
+def test_fit_exports_snapshots_at_their_steps(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["train.iters=2", "eval.every=0"])
+    fit(cfg, tmp_path / "run", supervised, quiet=True, snapshots=3)
+    steps = [checkpoint.read_export(tmp_path / "run" / snapshot_name(k))[1]["step"] for k in (1, 2, 3)]
+    assert steps == [1, 1, 2]
+    _, last_meta = checkpoint.read_export(tmp_path / "run" / "last.safetensors")
+    sd3, meta3 = checkpoint.read_export(tmp_path / "run" / snapshot_name(3))
+    assert meta3["snapshot"] == 3 and meta3["config"] == last_meta["config"]
+    last_sd, _ = checkpoint.read_export(tmp_path / "run" / "last.safetensors")
+    assert all(torch.equal(sd3[k], last_sd[k]) for k in last_sd)  # snapshot 3 is the final network
+
+
+class Prepared:
+    """supervised, trained on what its prepare() returns: the first 2 labeled images, each 3 times."""
+
+    Config = supervised.Config
+    TRAINED, EVAL_NETS, USES_UNLABELED = ("model",), ("model",), False
+    build, train_step = staticmethod(supervised.build), staticmethod(supervised.train_step)
+    seen: list = []
+
+    @staticmethod
+    def prepare(cfg, run_dir, info):
+        from semiseg.data.datasets import resolve_train_split
+        from semiseg.data.loader import Part
+
+        Prepared.seen.append(Path(run_dir).name)
+        labeled, _ = resolve_train_split(cfg.data)
+        return TrainData([Part(labeled.subset(labeled.ids[:2]), repeat=3)], tags={"x": frozenset({1})})
+
+
+def test_fit_trains_on_what_prepare_returns(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["train.iters=3", "eval.every=0", "train.log_every=1"])
+    seen_ids, seen_tags = [], []
+
+    def spy(nets, batch, cfg, ctx):
+        seen_ids.extend(batch.l.ids)
+        seen_tags.append(ctx.tags)
+        return supervised.train_step(nets, batch, cfg, ctx)
+
+    Prepared.train_step = staticmethod(spy)
+    result = train(cfg, tmp_path / "run", Prepared)
+    from semiseg.data.datasets import resolve_train_split
+
+    first_two = set(resolve_train_split(cfg.data)[0].ids[:2])
+    assert Prepared.seen == ["run"] and set(seen_ids) == first_two and len(seen_ids) == 6
+    assert seen_tags == [{"x": frozenset({1})}] * 3
+    assert result["steps"] == 3 and result == json.loads((tmp_path / "run" / "results.json").read_text())
+
+
+class TwoStages:
+    """A method run as a teacher fit, a work stage that writes a file, and a student fit on half the list."""
+
+    Config = supervised.Config
+    TRAINED, EVAL_NETS, USES_UNLABELED = ("model",), ("model",), False
+    build, train_step = staticmethod(supervised.build), staticmethod(supervised.train_step)
+
+    @staticmethod
+    def stages(cfg):
+        from semiseg.data.datasets import resolve_train_split
+        from semiseg.data.loader import Part
+
+        labeled, _ = resolve_train_split(cfg.data)
+
+        def note(env, folder):
+            net, source = env.load("1_teacher")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "note.txt").write_text(source)
+            return {"kind": "note", "classes": net.head.classifier.out_channels}
+
+        half = lambda env: TrainData([Part(labeled.subset(labeled.ids[:4]))])  # noqa: E731
+        return [
+            TrainStage("1_teacher", lambda env: TrainData([Part(labeled)]), snapshots=2),
+            WorkStage("2_note", note),
+            TrainStage("3_student", half),
+        ]
+
+    @staticmethod
+    def summarize(env, summaries):
+        return {"extra": sorted(summaries)}
+
+
+def test_stages_run_in_order_resume_and_the_last_training_stage_is_the_run(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["train.iters=2", "eval.every=0"])
+    run = tmp_path / "run"
+    results = train(cfg, run, TwoStages)
+    assert list(results["stages"]) == ["1_teacher", "2_note", "3_student"] and results["final_stage"] == "3_student"
+    assert results["steps"] == 4 and results["extra"] == ["1_teacher", "2_note", "3_student"]
+    assert results["stages"]["2_note"] == {
+        "kind": "note",
+        "classes": 7,
+        "seconds": results["stages"]["2_note"]["seconds"],
+    }
+    assert results["stages"]["3_student"]["list"] == {"labeled": 4, "pseudo": 0}
+    assert (run / "2_note" / "note.txt").read_text() == "1_teacher/best.safetensors"
+    assert (run / "1_teacher" / snapshot_name(2)).is_file() and not (run / "3_student" / snapshot_name(1)).exists()
+    assert (run / "last.safetensors").read_bytes() == (run / "3_student" / "last.safetensors").read_bytes()
+    # rerunning a finished run trains nothing; a lost root result is rebuilt from the stage markers
+    (run / "results.json").unlink()
+    stamp = (run / "3_student" / "last.safetensors").stat().st_mtime_ns
+    again = train(cfg, run, TwoStages)
+    assert again["best"] == results["best"] and (run / "3_student" / "last.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_as_run_schedule_moves_only_the_backbone_groups():
+    # CTT's DeepLabV3+ script updates param_groups[0] (lr) and [1] (lr x 10) only; heads stay at the base lr
+    net = TwoPart()
+    poly = C.OptimConfig(lr=0.1, head_lr_mult=10, no_decay_norm_bias=True)
+    as_run = C.OptimConfig(lr=0.1, head_lr_mult=10, no_decay_norm_bias=True, schedule="poly_backbone_only")
+    for cfg, expected in (
+        (poly, {"backbone": 0.05, "backbone_no_decay": 0.05, "head": 0.5, "head_no_decay": 0.5}),
+        (as_run, {"backbone": 0.05, "backbone_no_decay": 0.5, "head": 0.1, "head_no_decay": 0.1}),
+    ):
+        opt = build_optimizer(net, cfg)
+        set_lr(opt, 0.05, cfg)
+        assert {g["name"]: g["lr"] for g in opt.param_groups} == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no_decay_norm_bias"):
+        C.OptimConfig(schedule="poly_backbone_only")
+
+
+def test_per_epoch_evaluation_follows_the_fits_own_list(tmp_path, tiny_overrides):
+    # 8 labeled ids, batch 2: 4 steps per epoch; 2 epochs -> evaluations after steps 4 and 8
+    cfg = load_config(None, tiny_overrides + ["train.epochs=2", "eval.per_epoch=true", "eval.max_images=2"])
+    fit(cfg, tmp_path / "run", supervised, quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val/model/miou" in r] == [4, 8]
+    with pytest.raises(C.ConfigError, match="per_epoch"):
+        load_config(None, ["eval.per_epoch=true", "eval.every=100"])

@@ -1,4 +1,3 @@
-import json
 import math
 from dataclasses import dataclass
 
@@ -10,7 +9,6 @@ import torch.nn.functional as F
 
 from semiseg.data.info import IGNORE, DatasetInfo
 from semiseg.engine.evaluate import (
-    confusion_matrix,
     dataset_confusion,
     evaluate,
     format_table,
@@ -19,9 +17,9 @@ from semiseg.engine.evaluate import (
     predict_multiscale,
     predict_sliding,
     predict_whole,
-    write_results,
 )
 from semiseg.errors import DataError
+from semiseg.ops import confusion_matrix
 
 INFO = DatasetInfo(name="toy", classes=("a", "b", "c", "d"), palette=((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)))
 
@@ -217,14 +215,3 @@ def test_evaluate_max_images_and_bad_mask():
     data[1].mask[0, 0] = 7
     with pytest.raises(DataError, match="img1"):
         evaluate(Oracle(), data, INFO)
-
-
-def test_write_results_is_json_with_protocol(tmp_path):
-    m = metrics_from_confusion(torch.tensor([[1, 0], [0, 0]]), ("a", "b"))
-    path = write_results(tmp_path / "r" / "eval.json", m, "val", "sliding", tmp_path / "best.pt", best=71.5, last=70.1)
-    record = json.loads(path.read_text())
-    assert record["split"] == "val" and record["mode"] == "sliding"
-    assert record["checkpoint"] == str(tmp_path / "best.pt")
-    assert record["best"] == 71.5 and record["last"] == 70.1
-    assert record["metrics"]["iou"] == {"a": 100.0, "b": None}
-    assert [p.name for p in path.parent.iterdir()] == ["eval.json"]

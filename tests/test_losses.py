@@ -3,7 +3,7 @@ import math
 import torch
 
 from semiseg.losses import ce, masked_ce, ohem_ce
-from semiseg.ops import confident, cutmix_targets, mask_ratio, pseudo_label
+from semiseg.ops import confident, mask_ratio, pseudo_label
 
 
 def nll(logit_row, k):
@@ -58,18 +58,3 @@ def test_ohem_keeps_hard_pixels_or_min_kept():
     loss3 = ohem_ce(logits, mask, thresh=0.7, min_kept=3)
     expected3 = (-math.log(p[1]) - math.log(p[2]) - math.log(p[3])) / 3
     assert math.isclose(loss3.item(), expected3, rel_tol=1e-5)
-
-
-def test_cutmix_targets_paste_label_conf_and_pad_inside_box():
-    label = torch.zeros(1, 3, 3, dtype=torch.long)
-    conf = torch.full((1, 3, 3), 0.5)
-    pad = torch.zeros(1, 3, 3, dtype=torch.bool)
-    label_p = torch.full((1, 3, 3), 2)
-    conf_p = torch.full((1, 3, 3), 0.75)
-    pad_p = torch.ones(1, 3, 3, dtype=torch.bool)
-    box = torch.zeros(1, 3, 3, dtype=torch.bool)
-    box[0, 1:, :2] = True
-    lm, cm, pm = cutmix_targets(label, conf, pad, label_p, conf_p, pad_p, box)
-    assert lm.tolist() == [[[0, 0, 0], [2, 2, 0], [2, 2, 0]]]
-    assert cm.tolist() == [[[0.5, 0.5, 0.5], [0.75, 0.75, 0.5], [0.75, 0.75, 0.5]]]
-    assert pm.tolist() == [[[False, False, False], [True, True, False], [True, True, False]]]

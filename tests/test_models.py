@@ -5,16 +5,16 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from semiseg.config import ModelConfig
-from semiseg.models import BACKBONES, HEADS, MAIN, build_backbone, build_head, build_model
+from semiseg.models import BACKBONES, HEADS, build_backbone, build_head, build_model
 from semiseg.models.deeplab import DeepLabV2Head, default_rates, perturb
 from semiseg.models.resnet import build_resnet
-from semiseg.models.segmentor import Segmentor
 
 NUM_CLASSES = 3
 # Which backbone feature (c1..c4 -> 0..3) sets the resolution of each head's features().
-FEATURE_LEVEL = {"deeplabv3plus": 0, "deeplabv3": 3, "deeplabv2": 3, "deeplabv2_ctt": 3}
+FEATURE_LEVEL = {"deeplabv3plus": 0, "deeplabv3plus_cps": 0, "deeplabv3": 3, "deeplabv2": 3, "deeplabv2_ctt": 3}
 # Xception-65 has a fixed width (38M parameters): every head at OS 16, and OS 8 once, to keep the suite fast.
 # DINOv2 backbones (one stride, the patch) and the DPT head (a fused map at 8x its finest input) have their own
 # contract in test_vit.py: every head on a tiny ViT, DPT on a ResNet.
@@ -46,7 +46,7 @@ def test_contract(backbone, head, output_stride):
     torch.manual_seed(0)
     stem = "deep" if backbone in ("resnet34", "resnet101") else "torchvision"
     cfg = small_cfg(backbone, head, output_stride, stem=stem)
-    model = build_model(cfg, NUM_CLASSES, extra_heads={"aux": "deeplabv3"})
+    model = build_model(cfg, NUM_CLASSES)
     h, w = (17, 23) if backbone == "xception65" else (33, 47)
     x = torch.randn(2, 3, h, w)
     feats = model.encode(x)
@@ -69,10 +69,8 @@ def test_contract(backbone, head, output_stride):
     model.eval()
     x_even = torch.randn(2, 3, h + 1, w + 1)
     with torch.no_grad():
-        outs = model.forward_heads(x_even, [MAIN, "aux"])
-        assert outs[MAIN].shape == outs["aux"].shape == (2, NUM_CLASSES, h + 1, w + 1)
         logits_even, feat_even = model.forward_with_features(x_even)
-        torch.testing.assert_close(outs[MAIN], logits_even)
+        assert logits_even.shape == (2, NUM_CLASSES, h + 1, w + 1)
         torch.testing.assert_close(model(x_even), logits_even)
         torch.testing.assert_close(model.features(x_even), feat_even)
 
@@ -252,16 +250,6 @@ def test_forward_fp_runs_encoder_once_and_decodes_one_batch():
     assert calls == {"backbone": [2], "classifier": [6]}
 
 
-def test_forward_heads_runs_encoder_once():
-    model = build_model(small_cfg(), NUM_CLASSES, extra_heads={"a": "deeplabv2", "b": "deeplabv3plus"})
-    calls = []
-    model.backbone.register_forward_hook(lambda m, i, o: calls.append(1))
-    outs = model.forward_heads(torch.randn(2, 3, 32, 32), ["a", "b", MAIN])
-    assert list(outs) == ["a", "b", MAIN] and calls == [1]
-    with pytest.raises(ValueError, match="unknown head 'c'; valid: main, a, b"):
-        model.forward_heads(torch.randn(2, 3, 32, 32), ["c"])
-
-
 def test_logits_are_upsampled_with_aligned_corners():
     model = build_model(small_cfg(head="deeplabv2"), NUM_CLASSES).eval()
     x = torch.randn(1, 3, 33, 47)
@@ -283,22 +271,27 @@ def test_projection_head():
 
 
 def test_parameter_groups_partition_the_model():
-    model = build_model(small_cfg(proj_dim=4), NUM_CLASSES, extra_heads={"aux": "deeplabv2_ctt"})
+    model = build_model(small_cfg(proj_dim=4), NUM_CLASSES)
     backbone = {id(p) for p in model.backbone_parameters()}
     head = {id(p) for p in model.head_parameters()}
     assert not backbone & head
     assert backbone | head == {id(p) for p in model.parameters()}
     assert {id(p) for p in model.projector.parameters()} <= head
-    assert {id(p) for p in model.extra_heads.parameters()} <= head
 
 
-def test_segmentor_accepts_custom_heads():
-    backbone = build_backbone(small_cfg())
-    heads = {"branch": DeepLabV2Head(backbone.channels, 2)}
-    model = Segmentor(backbone, DeepLabV2Head(backbone.channels, NUM_CLASSES), extra_heads=heads)
-    assert model.forward_heads(torch.randn(2, 3, 32, 32), ["branch"])["branch"].shape == (2, 2, 32, 32)
-    with pytest.raises(ValueError, match="reserved"):
-        Segmentor(backbone, heads["branch"], extra_heads={MAIN: heads["branch"]})
+def test_fp_features_are_the_decoded_clean_and_perturbed_streams():
+    # forward_fp_features returns forward_fp's logits plus the features they were classified from
+    model = build_model(small_cfg(), NUM_CLASSES)
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    clean, fps = model.forward_fp(x, 2)
+    torch.manual_seed(0)
+    clean2, fps2, feat = model.forward_fp_features(x, 2)
+    assert feat.shape == (6, model.head.out_channels, 8, 8)
+    torch.testing.assert_close(clean2, clean)
+    torch.testing.assert_close(fps2, fps)
+    logits = F.interpolate(model.head.classifier(feat), size=(32, 32), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(logits[:2], clean)
 
 
 @pytest.mark.parametrize(
@@ -308,7 +301,10 @@ def test_segmentor_accepts_custom_heads():
             {"backbone": "resnet152"},
             "model.backbone: unknown 'resnet152'; valid: resnet18, resnet34, resnet50, resnet101",
         ),
-        ({"head": "pspnet"}, "model.head: unknown 'pspnet'; valid: deeplabv3plus, deeplabv3, deeplabv2"),
+        (
+            {"head": "pspnet"},
+            "model.head: unknown 'pspnet'; valid: deeplabv3plus, deeplabv3plus_cps, deeplabv3, deeplabv2",
+        ),
         ({"stem": "v1d"}, "model.stem: unknown 'v1d'; valid: deep, torchvision"),
         ({"output_stride": 4}, "model.output_stride: 4"),
         ({"backbone": "xception65", "output_stride": 32}, "model.output_stride: 32"),
@@ -319,3 +315,35 @@ def test_invalid_config_is_one_line_value_error(override, message):
     with pytest.raises(ValueError) as err:
         build_model(ModelConfig(**override), NUM_CLASSES)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("depth", ["resnet18", "resnet50"])
+def test_multi_grid_dilates_layer4_block_by_block(depth):
+    # DeepLabV3's Multi-Grid as CPS / CTT use it: at OS 16 layer4's rate is 2, so (1, 2, 4) gives dilations 2, 4, 8
+    net = build_resnet(depth, "deep", 8, 16, (1, 2, 4) if depth == "resnet50" else (1, 2))
+    convs = [b.conv2 if depth == "resnet50" else b.conv1 for b in net.layer4]
+    assert [c.dilation[0] for c in convs] == ([2, 4, 8] if depth == "resnet50" else [2, 4])
+    assert all(c.stride == (1, 1) for c in convs) and [c.padding[0] for c in convs] == [c.dilation[0] for c in convs]
+    feats = net(torch.randn(1, 3, 64, 64))
+    assert feats[-1].shape[-2:] == (4, 4) and feats[2].shape[-2:] == (4, 4)  # layer3 strided, layer4 not: OS 16
+    plain = build_resnet(depth, "deep", 8, 16)
+    first = plain.layer4[0].conv2 if depth == "resnet50" else plain.layer4[0].conv1
+    assert first.dilation == (1, 1)  # torchvision's scheme: the first block keeps the previous dilation
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"multi_grid": (1, 2, 4), "output_stride": 32}, "multi_grid"),
+        ({"multi_grid": (1, 2)}, "multi_grid"),
+        ({"multi_grid": (1, 2, 4), "backbone": "mobilenet_v2"}, "only the ResNets"),
+    ],
+)
+def test_bad_multi_grid_is_a_config_error(override, message):
+    from dataclasses import replace
+
+    from semiseg.config import ConfigError
+    from semiseg.models import check_model_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_model_config(replace(small_cfg(), **override))

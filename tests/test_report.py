@@ -13,8 +13,9 @@ from test_bench import TINY_BENCH
 from test_fetch import make_camvid
 
 from semiseg import report
-from semiseg.bench import read_results, run_bench
+from semiseg.bench import run_bench
 from semiseg.cli import main
+from semiseg.results import read_results
 
 PNG_SRC = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 

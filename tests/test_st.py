@@ -13,13 +13,14 @@ import yaml
 from PIL import Image
 
 from semiseg import config as C
-from semiseg import selftrain
 from semiseg.data.augment import StrongAugConfig
 from semiseg.data.datasets import resolve_train_split
 from semiseg.data.info import IGNORE
+from semiseg.engine import run as engine_run
 from semiseg.engine.checkpoint import load_export
 from semiseg.engine.evaluate import predict_multiscale, predict_whole
-from semiseg.methods import METHODS, st
+from semiseg.engine.run import DONE, train
+from semiseg.methods import METHODS, load_config, selftrain, st
 from semiseg.ops import map_miou, stability_score
 
 
@@ -50,18 +51,11 @@ def test_reliable_split_is_the_top_share_with_deterministic_ties():
     assert selftrain.split_reliable(["d", "c", "b", "a"], tied, 0.5) == (["d", "c"], ["a", "b"])
 
 
-def test_snapshot_steps():
-    assert selftrain.snapshot_steps(9, 3) == [3, 6, 9]
-    assert selftrain.snapshot_steps(10, 3) == [3, 6, 10]
-    assert selftrain.snapshot_steps(2, 3) == [1, 1, 2]
-
-
 def test_stpp_is_the_name_stpp():
-    assert C.load(None, ["method.name=stpp"]).method.plus
-    assert not C.load(None, ["method.name=st"]).method.plus
-    assert METHODS["st"] is METHODS["stpp"] is st
+    assert load_config(None, ["method.name=stpp"]).method.plus
+    assert not load_config(None, ["method.name=st"]).method.plus
     with pytest.raises(C.ConfigError, match="snapshots"):
-        C.load(None, ["method.name=stpp", "method.snapshots=0"])
+        load_config(None, ["method.name=stpp", "method.snapshots=0"])
 
 
 def test_tta_equals_plain_inference_for_a_pixelwise_model():
@@ -104,10 +98,10 @@ def test_strong_augmentation_touches_only_pseudo_labeled_crops():
 
 
 def _cfg(tiny, name, *extra):
-    return C.load(None, tiny + [f"method.name={name}", "train.iters=2", "method.tta_scales=[1.0,0.5]", *extra])
+    return load_config(None, tiny + [f"method.name={name}", "train.iters=2", "method.tta_scales=[1.0,0.5]", *extra])
 
 
-REAL_FIT = selftrain.fit
+REAL_FIT = engine_run.fit
 
 
 def _recording_fit(calls, fail_on=()):
@@ -123,17 +117,17 @@ def _recording_fit(calls, fail_on=()):
 def test_stpp_pipeline_writes_every_stage(tiny_overrides, tmp_path):
     cfg = _cfg(tiny_overrides, "stpp")
     run = tmp_path / "run"
-    results = st.run(cfg, run)
+    results = train(cfg, run, st)
     stages = ["1_teacher", "2_select", "3_label", "4_student1", "5_relabel", "6_student2"]
     assert list(results["stages"]) == stages and results["final_stage"] == "6_student2"
-    assert all((run / s / selftrain.DONE).is_file() for s in stages)
+    assert all((run / s / DONE).is_file() for s in stages)
     assert results["steps"] == 6 and results["method"] == "stpp"
     assert [p.name for p in sorted((run / "1_teacher").glob("snapshot_*"))] == [
         "snapshot_1.safetensors",
         "snapshot_2.safetensors",
         "snapshot_3.safetensors",
     ]
-    assert load_export(run / "1_teacher" / "snapshot_1.safetensors")[0].method.name == "stpp"
+    assert load_export(run / "1_teacher" / "snapshot_1.safetensors", METHODS)[0].method.name == "stpp"
 
     _, unlabeled = resolve_train_split(cfg.data)
     reliable = (run / "2_select" / "reliable_ids.txt").read_text().split()
@@ -174,9 +168,9 @@ def test_st_pipeline_resumes_at_the_first_unfinished_stage(tiny_overrides, tmp_p
     cfg = _cfg(tiny_overrides, "st", "method.batch_size=3")
     run = tmp_path / "run"
     calls = []
-    monkeypatch.setattr(selftrain, "fit", _recording_fit(calls, fail_on=("3_student",)))
+    monkeypatch.setattr(engine_run, "fit", _recording_fit(calls, fail_on=("3_student",)))
     with pytest.raises(RuntimeError, match="3_student"):
-        st.run(cfg, run)
+        train(cfg, run, st)
     assert calls == ["1_teacher", "3_student"]
     assert (run / "1_teacher" / "done.json").is_file() and (run / "2_label" / "done.json").is_file()
     assert not (run / "3_student" / "done.json").is_file() and not (run / "results.json").exists()
@@ -185,8 +179,8 @@ def test_st_pipeline_resumes_at_the_first_unfinished_stage(tiny_overrides, tmp_p
     stamps = {p.name: p.stat().st_mtime_ns for p in labels}
 
     calls.clear()
-    monkeypatch.setattr(selftrain, "fit", _recording_fit(calls))
-    results = st.run(cfg, run)
+    monkeypatch.setattr(engine_run, "fit", _recording_fit(calls))
+    results = train(cfg, run, st)
     assert calls == ["3_student"], "finished stages must not train again"
     assert list(results["stages"]) == ["1_teacher", "2_label", "3_student"]
     assert {p.name: p.stat().st_mtime_ns for p in (run / "2_label" / "pseudo").glob("*.png")} == stamps
@@ -198,8 +192,8 @@ def test_st_pipeline_resumes_at_the_first_unfinished_stage(tiny_overrides, tmp_p
     # a lost root result is rebuilt from the stage markers without training anything
     (run / "results.json").unlink()
     calls.clear()
-    monkeypatch.setattr(selftrain, "fit", _recording_fit(calls, fail_on=("1_teacher", "3_student")))
-    again = st.run(cfg, run)
+    monkeypatch.setattr(engine_run, "fit", _recording_fit(calls, fail_on=("1_teacher", "3_student")))
+    again = train(cfg, run, st)
     assert calls == [] and again["best"] == results["best"] and (run / "results.json").is_file()
 
 
@@ -220,3 +214,23 @@ def test_stpp_under_two_processes(tiny_overrides, tmp_path):
     assert len(list((tmp_path / "ddp" / "3_label" / "pseudo").glob("*.png"))) == 8
     assert len(list((tmp_path / "ddp" / "5_relabel" / "pseudo").glob("*.png"))) == 8
     assert (tmp_path / "ddp" / "log.txt").read_text().count("stage 2_select done") == 1
+
+
+def test_the_teacher_trains_on_two_copies_of_a_small_labeled_list(tiny_overrides):
+    # ST++'s main.py doubles a labeled list under 200 ids for the SupOnly teacher; a student's list is unchanged
+    from semiseg.engine.loop import total_iters
+
+    cfg = _cfg(tiny_overrides, "stpp", "train.iters=0", "train.epochs=1")  # 8 labeled ids, batch 2
+
+    def teacher_part(**method):
+        stages = st.stages(C.replace(cfg, method=method) if method else cfg)
+        (part,) = stages[0].data(None).labeled
+        return part
+
+    part = teacher_part()
+    assert len(part.dataset) == 8 and part.repeat == 2
+    assert total_iters(cfg, len(part.dataset) * part.repeat, 0, 1) == 8  # one epoch of the doubled list: 16 / 2
+    assert teacher_part(small_split=8).repeat == 1 and teacher_part(small_split=9).repeat == 2
+    assert teacher_part(small_split=0).repeat == 1
+    more = C.replace(cfg, data={"repeat_labeled": 3})
+    assert st.stages(more)[0].data(None).labeled[0].repeat == 3

@@ -12,9 +12,9 @@ from semiseg.data.datasets import dataset_info, resolve_train_split
 from semiseg.engine.checkpoint import export_model
 from semiseg.engine.evaluate import predict_whole
 from semiseg.errors import CheckpointError
-from semiseg.methods import st
+from semiseg.methods import load_config, st
+from semiseg.methods.selftrain import image_tensor, rank_least_stable
 from semiseg.ops import stability_score
-from semiseg.selftrain import image_tensor, rank_least_stable
 from semiseg.suggest import find_exports, suggest
 
 
@@ -40,7 +40,7 @@ def _export(cfg, path, seed):
 
 @pytest.fixture
 def snapshot_run(tiny_overrides, tmp_path):
-    cfg = C.load(None, tiny_overrides + ["method.name=stpp"])
+    cfg = load_config(None, tiny_overrides + ["method.name=stpp"])
     run = tmp_path / "run"
     nets = [_export(cfg, run / "1_teacher" / f"snapshot_{k}.safetensors", k) for k in (1, 2, 3)]
     return cfg, run, nets
@@ -83,7 +83,7 @@ def test_find_exports_falls_back_to_best_and_last(tiny_overrides, tmp_path):
     with pytest.raises(CheckpointError, match="no snapshot"):
         find_exports(tmp_path)
     for name in ("best", "last"):
-        _export(C.load(None, tiny_overrides + ["method.name=st"]), tmp_path / f"{name}.safetensors", 0)
+        _export(load_config(None, tiny_overrides + ["method.name=st"]), tmp_path / f"{name}.safetensors", 0)
     paths, source = find_exports(tmp_path)
     assert [p.name for p in paths] == ["best.safetensors", "last.safetensors"]
     assert source.startswith("no snapshot exports")

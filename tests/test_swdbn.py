@@ -10,17 +10,19 @@ from semiseg.data.info import IGNORE
 from semiseg.data.weak import read_boxes
 from semiseg.engine.checkpoint import load_export
 from semiseg.engine.loop import Context
+from semiseg.engine.run import train
 from semiseg.losses import ce
-from semiseg.methods import swdbn
+from semiseg.methods import METHODS, load_config, swdbn
+from semiseg.models import DualBranchNet
 
 
 def load(overrides, *extra):
-    cfg = C.load(None, [*overrides, "method.name=swdbn", *extra])
+    cfg = load_config(None, [*overrides, "method.name=swdbn", *extra])
     return cfg, dataset_info(cfg.data)
 
 
-def context(cfg, info, step=0):
-    return Context(step, 10, torch.Generator().manual_seed(0), info, torch.device("cpu"), cfg)
+def context(cfg, info, step=0, tags=None):
+    return Context(step, 10, torch.Generator().manual_seed(0), info, torch.device("cpu"), cfg, tags)
 
 
 def batch(info, n=2, size=32, proxy=None):
@@ -93,9 +95,6 @@ def test_boxes_step_trains_the_weak_branch_on_the_proxy(tiny_overrides):
     proxy = torch.full((2, 32, 32), IGNORE)
     proxy[:, 4:12, 4:20] = 1
     b = batch(info, proxy=proxy)
-    with pytest.raises(C.ConfigError, match="weak_source=boxes: the weak labels are prepared by swdbn.run"):
-        swdbn.train_step(nets, b, cfg.method, context(cfg, info))
-    nets["model"].weak_labels = swdbn.WeakLabels("boxes")
     torch.manual_seed(0)
     out = swdbn.train_step(nets, b, cfg.method, context(cfg, info))
     assert float(out.logs["train/mask_ratio"]) == pytest.approx(8 * 16 / (28 * 32))
@@ -109,8 +108,10 @@ def test_tags_step_labels_only_tagged_classes(tiny_overrides, monkeypatch):
     cfg, info = load(tiny_overrides, "method.weak_source=tags", "method.tau=0", "method.teacher=self")
     nets = swdbn.build(cfg, info)
     assert set(nets) == {"model"}
-    nets["model"].weak_labels = swdbn.WeakLabels("tags", {"u0": frozenset({2}), "u1": frozenset({3, 4})})
+    tags = {"u0": frozenset({2}), "u1": frozenset({3, 4})}
     b = batch(info)
+    with pytest.raises(C.ConfigError, match="weak_source=tags: this fit has no tags"):
+        swdbn.train_step(nets, b, cfg.method, context(cfg, info))
     seen = {}
 
     def spy(logits, target):
@@ -118,7 +119,7 @@ def test_tags_step_labels_only_tagged_classes(tiny_overrides, monkeypatch):
         return ce(logits, target)
 
     monkeypatch.setattr(swdbn, "ce", spy)
-    out = swdbn.train_step(nets, b, cfg.method, context(cfg, info))
+    out = swdbn.train_step(nets, b, cfg.method, context(cfg, info, tags=tags))
     target = seen["target"]
     assert set(target[0].unique().tolist()) <= {0, 2, IGNORE} and set(target[1].unique().tolist()) <= {0, 3, 4, IGNORE}
     assert (target[:, -4:] == IGNORE).all() and (target[:, :-4] != IGNORE).all()  # tau 0: only padding ignored
@@ -152,19 +153,19 @@ def test_run_with_derived_boxes_exports_a_strong_branch_model(tmp_path, tiny_ove
         tiny_overrides, "method.weak_source=boxes", "method.weak_ids=6", "method.min_box_area=4", "train.iters=2"
     )
     run_dir = tmp_path / "run"
-    swdbn.run(cfg, run_dir)
+    train(cfg, run_dir, swdbn)
     for name in ("results.json", "config.yaml", "best.safetensors", "last.safetensors", "weak_boxes.txt"):
         assert (run_dir / name).is_file(), name
     boxes = read_boxes(run_dir / "weak_boxes.txt", info.classes)
     assert len(boxes) == 6
     stamp = (run_dir / "weak_boxes.txt").stat().st_mtime_ns
-    cfg2, model, _ = load_export(run_dir / "best.safetensors")
-    assert isinstance(model, swdbn.DualBranchNet) and model.weak is not None and cfg2.method.weak_source == "boxes"
+    cfg2, model, _ = load_export(run_dir / "best.safetensors", METHODS)
+    assert isinstance(model, DualBranchNet) and model.weak is not None and cfg2.method.weak_source == "boxes"
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert model(x).shape == (1, info.num_classes, 32, 32)
-    result = swdbn.run(cfg, run_dir)  # finished: nothing retrained, the derived boxes reused
-    assert result.last["step"] == 2 and (run_dir / "weak_boxes.txt").stat().st_mtime_ns == stamp
+    result = train(cfg, run_dir, swdbn)  # finished: nothing retrained, the derived boxes reused
+    assert result["last"]["step"] == 2 and (run_dir / "weak_boxes.txt").stat().st_mtime_ns == stamp
 
 
 def test_run_with_a_tags_file_keeps_only_tagged_images(tmp_path, tiny_overrides, capsys):
@@ -175,7 +176,9 @@ def test_run_with_a_tags_file_keeps_only_tagged_images(tmp_path, tiny_overrides,
     tags = tmp_path / "tags.txt"
     tags.write_text("".join(f"{i} disc\n" for i in unlabeled.ids[:3]))
     cfg, info = load(tiny_overrides, "method.weak_source=tags", f"method.tags_file={tags}", "train.iters=1")
-    labeled, weak, labels = swdbn.weak_training_set(cfg, tmp_path / "run", info)
-    assert weak.ids == unlabeled.ids[:3] and labels.tags[weak.ids[0]] == {1}
-    swdbn.run(cfg, tmp_path / "run")
+    data = swdbn.prepare(cfg, tmp_path / "run", info)
+    weak = data.unlabeled[0].dataset
+    assert weak.ids == unlabeled.ids[:3] and data.tags == {i: {1} for i in weak.ids}
+    assert data.labeled[0].dataset.ids == resolve_train_split(cfg.data)[0].ids
+    train(cfg, tmp_path / "run", swdbn)
     assert "8 strong images, 3 weak images (tags)" in capsys.readouterr().out

@@ -2,19 +2,14 @@
 
 import numpy as np
 import pytest
-import torch
 
 from semiseg.data.info import IGNORE
 from semiseg.data.transforms import (
-    eval_transform,
     hflip,
-    image_to_tensor,
-    mask_to_tensor,
     pad_to,
     random_crop,
     rescale,
     resize,
-    to_tensors,
     weak_transform,
 )
 from semiseg.errors import DataError
@@ -181,26 +176,3 @@ def test_weak_transform_rejects_bad_inputs():
         weak_transform(coord_image(10, 10), coord_mask(10, 11), np.random.default_rng(0), 8)
     with pytest.raises(DataError, match="RGB"):
         weak_transform(coord_mask(10, 10), None, np.random.default_rng(0), 8)
-
-
-def test_eval_transform_optionally_resizes():
-    image, mask = coord_image(20, 30), coord_mask(20, 30)
-    same_image, same_mask = eval_transform(image, mask)
-    assert same_image is image and same_mask is mask
-    half_image, half_mask = eval_transform(image, mask, 0.5)
-    assert half_image.shape == (10, 15, 3) and half_mask.shape == (10, 15)
-    assert set(np.unique(half_mask)) <= set(np.unique(mask))
-    only_image, none = eval_transform(image, None, 2.0)
-    assert only_image.shape == (40, 60, 3) and none is None
-
-
-def test_to_tensors_layout_and_dtypes():
-    image, mask = coord_image(3, 4), coord_mask(3, 4)
-    pad = blank(3, 4)
-    t_image, t_mask, t_pad = to_tensors(image, mask, pad)
-    assert t_image.shape == (3, 3, 4) and t_image.dtype == torch.uint8
-    assert t_image[0, 2, 3] == 3 and t_image[1, 2, 3] == 2
-    assert t_mask.dtype == torch.long and t_mask[2, 3] == int(mask[2, 3])
-    assert t_pad.dtype == torch.bool and t_pad.shape == (3, 4)
-    assert torch.equal(image_to_tensor(image[:, ::-1]), t_image.flip(-1))
-    assert torch.equal(mask_to_tensor(mask), t_mask)

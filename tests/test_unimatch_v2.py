@@ -8,12 +8,11 @@ import torch
 from method_helpers import ctx_at, method_nets, random_batch
 from torch import nn
 
-from semiseg import config as C
 from semiseg.data.batch import Batch, UnlabeledBatch
 from semiseg.data.datasets import dataset_info
 from semiseg.engine.loop import StepOut
 from semiseg.engine.optim import build_optimizer
-from semiseg.methods import unimatch_v2
+from semiseg.methods import load_config, unimatch_v2
 from semiseg.methods.unimatch_v2 import complementary_masks, forward_complementary, scale_channels
 from semiseg.models import build_model
 from semiseg.models.segmentor import Segmentor
@@ -105,7 +104,7 @@ def test_loss_is_half_labeled_plus_a_quarter_per_strong_view_by_hand(tiny_overri
     confs = pseudo_label(teacher(batch.u.image))[0][:, -rows:]
     conf = confs.max()  # e^5 / (e^5 + 3) = 0.980, the same float at every pixel of the teacher's rows
     assert conf == confs.min() and float(conf) == pytest.approx(math.exp(5) / (math.exp(5) + 3))
-    cfg = C.load(None, tiny_overrides + ["method.name=unimatch_v2", f"method.tau={float(conf)}"])
+    cfg = load_config(None, tiny_overrides + ["method.name=unimatch_v2", f"method.tau={float(conf)}"])
     nets = {"student": Segmentor(Identity4(), ZeroHead(k)), "teacher": teacher}
     info = dataset_info(cfg.data)
     out = unimatch_v2.train_step(nets, batch, cfg.method, ctx_at(cfg, info, 0))
@@ -117,7 +116,7 @@ def test_loss_is_half_labeled_plus_a_quarter_per_strong_view_by_hand(tiny_overri
     assert float(out.logs["train/loss_s"]) == pytest.approx(loss_s, rel=1e-6)
     assert float(out.loss.detach()) == pytest.approx(0.5 * loss_x + 0.25 * loss_s + 0.25 * loss_s, rel=1e-6)
     assert float(out.logs["train/mask_ratio"]) == pytest.approx(4 / 28)
-    above = C.load(None, tiny_overrides + ["method.name=unimatch_v2", f"method.tau={float(conf) + 1e-6}"])
+    above = load_config(None, tiny_overrides + ["method.name=unimatch_v2", f"method.tau={float(conf) + 1e-6}"])
     out = unimatch_v2.train_step(nets, batch, above.method, ctx_at(above, info, 0))
     assert float(out.logs["train/loss_s"]) == 0.0 and float(out.loss.detach()) == pytest.approx(0.5 * loss_x, rel=1e-6)
 
@@ -189,7 +188,7 @@ PRESETS = sorted((ROOT / "configs").glob("*/*_dinov2*.yaml"))
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_presets_follow_the_reference_recipe(path):
-    cfg = C.load(path)
+    cfg = load_config(path)
     m = cfg.model
     assert m.backbone in ("dinov2_small", "dinov2_base") and m.head == "dpt"
     assert m.pretrained == "dinov2"  # resolves to the official checkpoint of m.backbone
@@ -208,7 +207,7 @@ def test_presets_follow_the_reference_recipe(path):
 
 def test_preset_optimizer_groups_on_vit_small():
     # AdamW with weight decay on every trained parameter; the frozen ones are in no group.
-    cfg = C.load(ROOT / "configs/pascal/unimatch_v2_dinov2s_92.yaml", ["model.pretrained="])
+    cfg = load_config(ROOT / "configs/pascal/unimatch_v2_dinov2s_92.yaml", ["model.pretrained="])
     torch.manual_seed(0)
     model = build_model(cfg.model, 21)
     opt = build_optimizer(model, cfg.optim)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from semiseg import config as C
 from semiseg.cli import main
 from semiseg.data.datasets import Sample, build_dataset, resolve_train_split
 from semiseg.data.info import IGNORE
@@ -27,6 +26,7 @@ from semiseg.data.weak import (
     tags_from_mask,
 )
 from semiseg.errors import DataError
+from semiseg.methods import load_config
 
 CLASSES = ("background", "cat", "dog", "traffic light")
 X = IGNORE
@@ -219,7 +219,7 @@ def test_box_proxy_dataset_scales_boxes_with_the_image():
 
 
 def test_cli_weak_derive_matches_the_masks(tmp_path, tiny_overrides, capsys):
-    cfg = C.load(None, tiny_overrides)
+    cfg = load_config(None, tiny_overrides)
     out = tmp_path / "boxes.txt"
     args = ["weak", "derive", "synthetic", "--kind", "boxes", "--ids", "5", "--out", str(out), "--min-area", "4"]
     assert main(args + ["--set", *tiny_overrides]) == 0

@@ -525,20 +525,17 @@ def classmix_mask(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return chosen.gather(1, flat).view(labels.shape)
 
 
-def partner_views(
-    image: torch.Tensor,
-    pad: torch.Tensor,
-    views: list[torch.Tensor],
-    gen: torch.Generator,
-    cfg: StrongAugConfig | None = None,
-    mix_image: torch.Tensor | None = None,
-    mix_pad: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """CutMix partners of a batch: (weak image, pad, one strong view per entry of `views`).
+MIX_MASKS = ("classmix", "cutmix", "none")
 
-    From a second unlabeled stream when `mix_image` is given (its own strong views, drawn in order), else the
-    batch rolled by one sample (sample i's partner is sample i - 1, with the strong views already drawn).
-    """
-    if mix_image is not None:
-        return mix_image, mix_pad, [strong_view(mix_image, gen, cfg) for _ in views]
-    return image.roll(1, dims=0), pad.roll(1, dims=0), [v.roll(1, dims=0) for v in views]
+
+def mix_mask(kind: str, labels: torch.Tensor, gen: torch.Generator, cfg: StrongAugConfig) -> torch.Tensor:
+    """bool (B, H, W), True where a mixed view keeps the image itself: ClassMix of labels (B, H, W), the complement
+    of a CutMix box (cfg's probability, area and ratio), or everywhere (none)."""
+    b, h, w = labels.shape
+    if kind == "classmix":
+        return classmix_mask(labels, gen)
+    if kind == "cutmix":
+        return ~cutmix_box(b, h, w, gen, cfg.cutmix_p, cfg.mix_area, cfg.mix_ratio, labels.device)
+    if kind == "none":
+        return torch.ones_like(labels, dtype=torch.bool)
+    raise ValueError(f"mix mask kind must be one of {', '.join(MIX_MASKS)}, got {kind!r}")

@@ -62,6 +62,14 @@ def _lut(table: dict[int, int], default: int | None) -> tuple[int, ...]:
     return tuple(table.get(v, v if default is None else default) for v in range(256))
 
 
+def index_image(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
+    """Palette ('P') PIL image whose pixel values are the class indices of uint8 (H, W) `mask`."""
+    im = Image.fromarray(mask)
+    flat = [c for rgb in palette[:256] for c in rgb]
+    im.putpalette(flat + [0] * (768 - len(flat)))
+    return im
+
+
 @dataclass(frozen=True)
 class MaskDecoder:
     """Turns a mask file into class indices uint8 (H, W).

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from semiseg import atomic
 from semiseg.errors import DataError
 
 SPLIT_FILES = ("labeled.txt", "unlabeled.txt")
@@ -124,19 +124,6 @@ def _relative(path: Path, root: Path) -> str:
         return path.resolve().as_posix()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def format_items(items: Sequence[Item], root: str | Path) -> str:
     """Split-list text of `items`: 'image mask' (or 'image' when unlabeled) per line, relative to `root`."""
     root = Path(root)
@@ -154,7 +141,7 @@ def write_split(
     directory = Path(directory)
     paths = (directory / SPLIT_FILES[0], directory / SPLIT_FILES[1])
     for path, items in zip(paths, (labeled, unlabeled)):
-        write_text_atomic(path, format_items(items, root))
+        atomic.write_text(path, format_items(items, root))
     return paths
 
 
@@ -251,5 +238,5 @@ def fetch_split(
         texts[name] = text
     dest = Path(dest)
     for name, text in texts.items():
-        write_text_atomic(dest / name, text)
+        atomic.write_text(dest / name, text)
     return dest / SPLIT_FILES[0], dest / SPLIT_FILES[1]

@@ -10,7 +10,6 @@ again on resume. Strong (photometric) augmentation is not here: it runs batched 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 
 from semiseg.data.info import IGNORE
@@ -110,28 +109,3 @@ def weak_transform(
     image, mask, pad = random_crop(image, mask, pad, rng, crop)
     image, mask, pad = hflip(image, mask, pad, rng)
     return np.ascontiguousarray(image), np.ascontiguousarray(mask), np.ascontiguousarray(pad)
-
-
-def eval_transform(
-    image: np.ndarray, mask: np.ndarray | None = None, scale: float = 1.0
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Evaluation input: unchanged, or both resized by `scale` (image bilinear, mask nearest) -> (image, mask)."""
-    if scale == 1.0:
-        return image, mask
-    size = (max(round(image.shape[0] * scale), 1), max(round(image.shape[1] * scale), 1))
-    return _resize_image(image, size), None if mask is None else _resize_labels(mask, size)
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) array -> uint8 (3, H, W) tensor; normalisation happens on the device."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-
-
-def mask_to_tensor(mask: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W) array -> long (H, W) tensor."""
-    return torch.from_numpy(mask.astype(np.int64))
-
-
-def to_tensors(image: np.ndarray, mask: np.ndarray, pad: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The output of weak_transform as (uint8 (3, H, W), long (H, W), bool (H, W)) tensors."""
-    return image_to_tensor(image), mask_to_tensor(mask), torch.from_numpy(np.array(pad, dtype=bool))

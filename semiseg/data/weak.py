@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from semiseg import atomic
 from semiseg.data.info import IGNORE
-from semiseg.data.splits import is_count_or_fraction, make_split, sample_id, write_text_atomic
+from semiseg.data.splits import is_count_or_fraction, make_split, sample_id
 from semiseg.errors import DataError
 
 KINDS = ("tags", "boxes")
@@ -448,7 +449,7 @@ def derive(
 def write_weak(path: str | Path, kind: str, labels: Mapping, classes: Sequence[str], header: str = "") -> None:
     """Write tags or boxes in the text format, atomically."""
     text = format_tags(labels, classes, header) if kind == "tags" else format_boxes(labels, classes, header)
-    write_text_atomic(Path(path), text)
+    atomic.write_text(path, text)
 
 
 def read_weak(path: str | Path, kind: str, classes: Sequence[str], ids: Sequence[str] | None = None) -> dict:
@@ -462,6 +463,27 @@ def first_line(path: Path) -> str:
         return ""
     with open(path) as f:
         return f.readline().rstrip("\n")
+
+
+def read_or_derive(
+    weak, kind: str, source: str, cache: Path, background: int | None, min_box_area: int, note: str
+) -> tuple[object, dict]:
+    """(the weak images that have tags or boxes, those labels by id): read from the file `source` when given, else
+    derived from the weak images' masks and written to `cache`, whose header (`note`) makes a rerun with the same
+    settings read it back instead of deriving again. DataError when no weak image has any."""
+    classes = weak.info.classes
+    header = f"{kind} derived from the masks of {len(weak)} weak images: {note}"
+    if source:
+        labels = read_weak(source, kind, classes, weak.ids)
+    elif first_line(cache) == f"# {header}":
+        labels, source = read_weak(cache, kind, classes), str(cache)
+    else:
+        labels, source = derive(weak, kind, background, min_box_area), str(cache)
+        write_weak(cache, kind, labels, classes, header)
+    kept = [i for i in weak.ids if i in labels]
+    if not kept:
+        raise DataError(f"{source}: none of the {len(weak)} weak images has {kind} (ids are file stems)")
+    return weak.subset(kept), {i: labels[i] for i in kept}
 
 
 def derive_file(

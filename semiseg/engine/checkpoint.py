@@ -1,8 +1,8 @@
-"""Checkpoints: atomic writes, exact resume state, safe loading, model-only safetensors export.
+"""Checkpoints: exact resume state, safe loading, model-only safetensors exports.
 
-A run folder holds `last.pt` (full resume state) and `best.pt`, both written to a temporary file and renamed
-into place, so a crash mid-write leaves the previous file intact. Loading uses `torch.load(weights_only=True)`:
-only tensors and plain containers, never pickled code.
+A run folder holds `last.pt` (full resume state) and the exports best/last.safetensors (snapshot_K.safetensors
+too when asked), each written through semiseg.atomic, so a crash mid-write leaves the previous file intact.
+Loading uses `torch.load(weights_only=True)`: only tensors and plain containers, never pickled code.
 """
 
 from __future__ import annotations
@@ -10,46 +10,17 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
-import tempfile
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from semiseg import atomic
 from semiseg.errors import CheckpointError
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename the temporary file to `path` (same folder, so rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp creates 0600 files; give results the usual umask-based mode so others can read them.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write_bytes(path, write)
 
 
 def json_safe(v: Any) -> Any:
@@ -65,13 +36,9 @@ def json_safe(v: Any) -> Any:
     return v
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
 def save(path: Path, state: dict) -> None:
     """torch.save `state` atomically."""
-    atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+    atomic.write_bytes(path, lambda tmp: torch.save(state, tmp))
 
 
 def snapshot(obj: Any) -> Any:
@@ -180,7 +147,7 @@ def export_model(path: Path, net: nn.Module, meta: dict) -> None:
     # safetensors refuses shared storage; contiguous clones are cheap next to the export itself.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     metadata = {"semiseg": json.dumps(meta)}
-    atomic_write_bytes(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic.write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_export(path: Path) -> tuple[dict, dict]:
@@ -199,31 +166,9 @@ def read_export(path: Path) -> tuple[dict, dict]:
     return sd, meta
 
 
-def load_export(path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
-    """(cfg, model on CPU in eval mode, DatasetInfo) rebuilt from a safetensors export and its embedded config.
-
-    The network is rebuilt by the method that trained it (`method.build`), so multi-branch networks (BST, SWDBN)
-    load as themselves; `overrides` are `--set` strings applied to the embedded config (e.g. data.root).
-    """
-    from semiseg import config as config_mod
-    from semiseg.data.datasets import dataset_info
-    from semiseg.methods import METHODS
-
-    path = Path(path)
-    sd, meta = read_export(path)
-    if "config" not in meta:
-        raise CheckpointError(f"{path}: not a semiseg export (no config in its metadata)")
-    raw = config_mod.apply_overrides(meta["config"], list(overrides))
-    raw.setdefault("model", {})["pretrained"] = ""
-    cfg = config_mod.from_dict(raw, f"{path} (embedded config): ")
-    info = dataset_info(cfg.data)
-    method = METHODS[cfg.method.name]
-    name = meta.get("net") or method.EVAL_NETS[0]
-    nets = method.build(cfg, info)
-    if name not in nets:
-        raise CheckpointError(f"{path}: the export names net {name!r}, which {cfg.method.name} does not build")
-    model = nets[name]
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+def load_weights(net: nn.Module, sd: dict, path: Path) -> nn.Module:
+    """`net` with an export's state dict `sd` loaded; CheckpointError naming the first key that does not fit."""
+    missing, unexpected = net.load_state_dict(sd, strict=False)
     # Exports made before networks owned their normalisation lack its buffers; they were trained with ImageNet's,
     # which is what a rebuilt network without weights starts from.
     missing = [k for k in missing if not k.startswith("input_norm.")]
@@ -233,4 +178,30 @@ def load_export(path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
         raise CheckpointError(
             f"{path}: {kind} key {key} for this model ({len(missing)} missing, {len(unexpected)} unexpected)"
         )
-    return cfg, model.eval(), info
+    return net
+
+
+def load_export(path: str | Path, methods: Mapping[str, Any], overrides: Sequence[str] = ()):
+    """(cfg, model on CPU in eval mode, DatasetInfo) rebuilt from a safetensors export and its embedded config.
+
+    The network is rebuilt by the method that trained it (`methods[name].build`, methods = semiseg.methods.METHODS
+    or a part of it), so multi-branch networks (BST, SWDBN) load as themselves; `overrides` are `--set` strings
+    applied to the embedded config (e.g. data.root).
+    """
+    from semiseg import config as config_mod
+    from semiseg.data.datasets import dataset_info
+
+    path = Path(path)
+    sd, meta = read_export(path)
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: not a semiseg export (no config in its metadata)")
+    raw = config_mod.apply_overrides(meta["config"], list(overrides))
+    raw.setdefault("model", {})["pretrained"] = ""
+    cfg = config_mod.from_dict(raw, methods, f"{path} (embedded config): ")
+    info = dataset_info(cfg.data)
+    method = methods[cfg.method.name]
+    name = meta.get("net") or method.EVAL_NETS[0]
+    nets = method.build(cfg, info)
+    if name not in nets:
+        raise CheckpointError(f"{path}: the export names net {name!r}, which {cfg.method.name} does not build")
+    return cfg, load_weights(nets[name], sd, path).eval(), info

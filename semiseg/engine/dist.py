@@ -81,22 +81,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if is_dist():
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-        t /= world_size()
-    return t
-
-
-def broadcast_object(obj):
-    """Rank 0's Python object on every rank."""
-    if not is_dist():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def shard(n: int) -> range:
     """Indices of `n` items this rank handles: rank, rank + world, ...; no item twice, none padded."""
     return range(rank(), n, world_size())
@@ -105,6 +89,63 @@ def shard(n: int) -> range:
 def cleanup() -> None:
     if is_dist():
         tdist.destroy_process_group()
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of the batch of every process (all-reduced sums), on
+    any device: torch's SyncBatchNorm accepts only accelerator tensors, and the Gloo (CPU) runs need the same maths.
+
+    Mean and biased variance come from the all-reduced per-channel sum, sum of squares and count (float64); the
+    running statistics are updated as BatchNorm does (unbiased variance, momentum). Gradients flow through the
+    all-reduce, so a trained net gets SyncBatchNorm's gradients too. Outside training, or in one process, it is
+    BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_dist()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        xd = x.double()
+        count = xd.new_tensor([x.numel() / c])
+        totals = all_reduce(torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), count]))
+        n = totals[-1]
+        mean = totals[:c] / n
+        var = totals[c : 2 * c] / n - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                unbiased = var * n / (n - 1).clamp(min=1)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        shape = (1, c, 1, 1)
+        scale = torch.rsqrt(var + self.eps).to(x.dtype).view(shape)
+        y = (x - mean.to(x.dtype).view(shape)) * scale
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
+    """`net` with every BatchNorm2d normalising over all processes: torch's SyncBatchNorm on accelerators (its fused
+    kernels), GlobalBatchNorm on the CPU; parameters and buffers are shared, state-dict keys unchanged."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    for name, child in net.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlobalBatchNorm):
+            bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            if child.affine:
+                bn.weight, bn.bias = child.weight, child.bias
+            if child.track_running_stats:
+                bn.running_mean, bn.running_var = child.running_mean, child.running_var
+                bn.num_batches_tracked = child.num_batches_tracked
+            bn.train(child.training)
+            setattr(net, name, bn)
+        else:
+            sync_batchnorm(child, device)
+    return net
 
 
 class _Entry(nn.Module):

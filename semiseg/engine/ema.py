@@ -1,6 +1,9 @@
-"""Exponential moving average of a network: parameters and, optionally, BatchNorm buffers."""
+"""Exponential moving average of a network (parameters and, optionally, BatchNorm buffers) and the mean-teacher
+schedules of Tarvainen & Valpola (2017): the ramped keep rate and the sigmoid ramp-up of the consistency weight."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -30,3 +33,11 @@ def ema_update(teacher: nn.Module, student: nn.Module, keep: float, buffers: boo
 def mean_teacher_keep(step: int, keep: float) -> float:
     """The ramped keep rate of mean-teacher methods: min(1 - 1/(step + 1), keep)."""
     return min(1.0 - 1.0 / (step + 1), keep)
+
+
+def sigmoid_rampup(step: int, length: int) -> float:
+    """exp(-5 (1 - min(step / length, 1))^2): from exp(-5) = 0.0067 at step 0 to 1 at `length`; 1 when length <= 0."""
+    if length <= 0:
+        return 1.0
+    t = min(step / length, 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,31 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from semiseg.data.info import IGNORE, DatasetInfo
+from semiseg.data.info import DatasetInfo
 from semiseg.engine import dist
-from semiseg.engine.checkpoint import atomic_write_json, json_safe, unwrap
+from semiseg.engine.checkpoint import unwrap
 from semiseg.errors import DataError
+from semiseg.ops import class_iou, confusion_matrix
 
 EVAL_MODES = ("whole", "sliding", "multiscale", "center_crop")
 """modes accepted by evaluate(); predict() accepts all but center_crop, which also crops the mask"""
-
-
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int = IGNORE) -> torch.Tensor:
-    """(C, C) int64 pixel counts, rows = ground truth, columns = prediction; `ignore` pixels excluded.
-
-    pred, target: integer tensors of one shape on one device. A target value >= C other than `ignore` is a
-    ValueError (a silently dropped label would hide a dataset bug).
-    """
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    c = num_classes
-    target = target.long()
-    # Ignored pixels go to bucket 0 and real pairs to 1..C*C, so any label >= C lengthens the bincount.
-    index = torch.where(target != ignore, c * target + pred.long() + 1, 0)
-    counts = torch.bincount(index.flatten(), minlength=c * c + 1)
-    if counts.numel() > c * c + 1:
-        raise ValueError(f"label values outside 0..{c - 1} that are not the ignore index {ignore}")
-    return counts[1:].reshape(c, c)
 
 
 def metrics_from_confusion(cm: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
@@ -52,10 +34,8 @@ def metrics_from_confusion(cm: torch.Tensor, class_names: Sequence[str]) -> dict
     cm = cm.detach().to("cpu", torch.float64)
     if cm.shape != (len(class_names), len(class_names)):
         raise ValueError(f"confusion matrix {tuple(cm.shape)} does not match {len(class_names)} class names")
-    tp = cm.diag()
-    gt = cm.sum(1)
-    union = gt + cm.sum(0) - tp
-    iou = tp / union  # 0 / 0 = NaN: a class absent from prediction and target does not count
+    tp, gt = cm.diag(), cm.sum(1)
+    iou = class_iou(tp, cm.sum(0), gt)
     class_acc = tp / gt
     total = cm.sum()
     return {
@@ -85,13 +65,13 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 
 @contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """model.eval() under torch.no_grad(); every submodule's train/eval flag is restored on exit."""
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """model.eval() under torch.no_grad() (yields the model); every submodule's train/eval flag is restored on exit."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            yield
+            yield model
     finally:
         for m, training in flags:
             m.training = training
@@ -372,35 +352,6 @@ def evaluate(
     metrics["protocol"] = describe_mode(mode, window, stride, scales, flip)
     metrics["images"] = images
     return metrics
-
-
-def write_results(
-    path: str | Path,
-    metrics: dict[str, Any],
-    split: str,
-    mode: str,
-    checkpoint: str | Path,
-    best: Any = None,
-    last: Any = None,
-    net: str = "",
-) -> Path:
-    """Write the evaluation record as JSON atomically (tmp + os.replace); absent-class IoUs become null.
-
-    `best` / `last`: the best-epoch and last-epoch results (mIoU or metrics dicts); `net`: which network
-    was evaluated (student, teacher, ema), because papers differ and readers need to know.
-    """
-    path = Path(path)
-    record = {
-        "split": split,
-        "mode": mode,
-        "checkpoint": str(checkpoint),
-        "net": net,
-        "metrics": metrics,
-        "best": best,
-        "last": last,
-    }
-    atomic_write_json(path, json_safe(record))
-    return path
 
 
 def evaluate_config(

@@ -61,7 +61,15 @@ def build_optimizer(net: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}; choose from sgd, adamw, adam")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's lr to lr x its multiplier."""
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, cfg: OptimConfig) -> None:
+    """Set the groups' learning rates for the scheduled `lr` (optim.schedule).
+
+    poly: every group at lr x its multiplier. poly_backbone_only, CTT's DeepLabV3+ script as run (its lr helper
+    updates param_groups[0] and [1] only): the backbone group at lr, the backbone's no-decay group at lr x
+    head_lr_mult (the script's literal x10), every head group at a constant optim.lr.
+    """
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
+        if cfg.schedule == "poly_backbone_only":
+            g["lr"] = {"backbone": lr, "backbone_no_decay": lr * cfg.head_lr_mult}.get(g.get("name"), cfg.lr)
+        else:
+            g["lr"] = lr * g.get("lr_mult", 1.0)

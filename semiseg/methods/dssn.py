@@ -22,16 +22,16 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from semiseg.config import ConfigError, MethodConfig
-from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, partner_views, strong_view
+from semiseg.data.augment import StrongAugConfig
 from semiseg.engine.checkpoint import unwrap
 from semiseg.engine.ema import ema_update
 from semiseg.engine.loop import StepOut
 from semiseg.losses import masked_ce, paired_info_nce, standardized_mse, supervised_loss
-from semiseg.models import build_model, upsample
-from semiseg.ops import class_aware_selection, confident, label_accuracy, mask_ratio, pseudo_label, roll
+from semiseg.methods.weak_to_strong import partners, strong_views
+from semiseg.models import build_model
+from semiseg.ops import class_aware_selection, confident, label_accuracy, mask_ratio, pseudo_label, roll, sample_pixels
 
 SELECTIONS = ("class_aware", "threshold")
 ALIGNS = ("mse", "infonce", "none")
@@ -95,6 +95,8 @@ class Config(MethodConfig):
 TRAINED = ("student",)
 EVAL_NETS = ("student", "teacher")
 USES_UNLABELED = True
+TRAIN_MODE_TEACHERS = ("teacher",)
+"""teachers in train mode (BatchNorm on batch statistics): SyncBatchNorm with the students under model.sync_bn"""
 
 
 def build(cfg, info):
@@ -119,53 +121,27 @@ def _selection(logits: torch.Tensor, cfg: Config) -> torch.Tensor:
     return confident(pseudo_label(logits)[0], cfg.tau)
 
 
-def _fp_forward_with_embeddings(model, x: torch.Tensor):
-    """(logits, [fp1, fp2], [emb, emb_fp1, emb_fp2]) for align = infonce: the FP forward keeping the features."""
-    core = unwrap(model)
-    feat = core.head.fp_features(model.encode(x), 2, core.fp_dropout)
-    logits = upsample(core.head.classifier(feat), x.shape[-2:]).chunk(3)
-    return logits[0], list(logits[1:]), model.project(feat).chunk(3)
-
-
-def _sample_pixels(emb: list[torch.Tensor], valid: torch.Tensor, n: int, gen: torch.Generator):
-    """Up to n random valid pixels per image from each embedding map (B, D, h, w): ([(B, n, D)...], valid (B, n))."""
-    b, _, h, w = emb[0].shape
-    valid = F.interpolate(valid[:, None].float(), size=(h, w), mode="nearest")[:, 0].bool().flatten(1)
-    n = min(n, h * w)
-    score = torch.rand(b, h * w, generator=gen).to(valid.device).masked_fill(~valid, 2.0)
-    idx = score.topk(n, dim=1, largest=False).indices
-    picked = [e.flatten(2).gather(2, idx[:, None].expand(-1, e.shape[1], -1)).transpose(1, 2) for e in emb]
-    return picked, valid.gather(1, idx)
-
-
 def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     student, teacher = nets["student"], nets["teacher"]
     l, u = batch.l, batch.u
-    n_l, (n_u, _, h, w) = l.image.shape[0], u.image.shape
-    aug = cfg.strong
-    s1, s2 = strong_view(u.image, ctx.gen, aug), strong_view(u.image, ctx.gen, aug)
-    box1 = cutmix_box(n_u, h, w, ctx.gen, aug.cutmix_p, aug.mix_area, aug.mix_ratio, s1.device)
-    if cfg.shared_box:
-        box2 = box1
-    else:
-        box2 = cutmix_box(n_u, h, w, ctx.gen, aug.cutmix_p, aug.mix_area, aug.mix_ratio, s1.device)
+    n_l = l.image.shape[0]
+    partner = partners(batch)
+    views = strong_views(u, partner, 2, ctx.gen, cfg.strong, shared_box=cfg.shared_box)
+    box1, box2 = views.boxes
 
     # The teacher stays in train mode (BatchNorm on batch statistics), as in the reference; it never gets gradients.
-    u_mix = batch.u_mix
-    partner_w, partner_pad, (partner_s1, partner_s2) = partner_views(
-        u.image, u.pad, [s1, s2], ctx.gen, aug, *((u_mix.image, u_mix.pad) if u_mix else ())
-    )
     with torch.no_grad():
         t_w = teacher(u.image)
         # train-mode BatchNorm statistics do not depend on the order of the batch: with rolled partners, roll the
         # teacher's output instead of running it again
-        t_p = teacher(partner_w) if u_mix is not None else roll(t_w)
+        t_p = roll(t_w) if partner.rolled else teacher(partner.image)
 
     x_lw = torch.cat([l.image, u.image])
-    strong = torch.cat([mix(s1, partner_s1, box1), mix(s2, partner_s2, box2)])
+    strong = torch.cat(views.images)
     emb_w = emb_s = None
     if cfg.align == "infonce":
-        logits, (logits_fp1, logits_fp2), emb_w = _fp_forward_with_embeddings(student, x_lw)
+        logits, (logits_fp1, logits_fp2), feat_w = student.forward_fp_features(x_lw, 2)
+        emb_w = student.project(feat_w).chunk(3)
         logits_s, feat_s = student.forward_with_features(strong)
         emb_s = student.project(feat_s).chunk(2)
     else:
@@ -176,9 +152,9 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     logits_s1, logits_s2 = logits_s.chunk(2)
 
     # Strong-view targets: the teacher's logits composed like the images, then selected and argmaxed.
-    t1, t2 = mix(t_w, t_p, box1), mix(t_w, t_p, box2)
+    t1, t2 = views.paste(t_w, t_p)
     label1, label2, label_w = t1.argmax(1), t2.argmax(1), logits_w.argmax(1)
-    pad1, pad2 = mix(u.pad, partner_pad, box1), mix(u.pad, partner_pad, box2)
+    pad1, pad2 = views.paste(u.pad, partner.pad)
     sel1, sel2, sel_w = _selection(t1, cfg), _selection(t2, cfg), _selection(logits_w, cfg)
 
     warm = ctx.step < cfg.warmup_steps
@@ -192,22 +168,15 @@ def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
         loss_feat = standardized_mse(logits_fp1, logits_fp2)
     elif cfg.align == "infonce":
         img_valid = ~pad1 & ~pad2 & (box1 == box2) if cfg.align_same_box else ~pad1 & ~pad2
-        (e1, e2), v = _sample_pixels(list(emb_s), img_valid, cfg.nce_pixels, ctx.gen)
+        (e1, e2), v = sample_pixels(list(emb_s), img_valid, cfg.nce_pixels, ctx.gen)
         loss_img = paired_info_nce(e1, e2, v, cfg.nce_tau)
-        (f1, f2), v = _sample_pixels([emb_w[1][n_l:], emb_w[2][n_l:]], ~u.pad, cfg.nce_pixels, ctx.gen)
+        (f1, f2), v = sample_pixels([emb_w[1][n_l:], emb_w[2][n_l:]], ~u.pad, cfg.nce_pixels, ctx.gen)
         loss_feat = paired_info_nce(f1, f2, v, cfg.nce_tau)
     else:
         loss_img = loss_feat = logits_s.new_zeros(())
     w_s1, w_s2 = (0.0, 0.0) if warm else (cfg.w_s1, cfg.w_s2)
-    loss = (
-        cfg.w_x * loss_x
-        + w_s1 * loss_s1
-        + w_s2 * loss_s2
-        + cfg.w_fp * loss_fp1
-        + cfg.w_fp2 * loss_fp2
-        + cfg.w_img * loss_img
-        + cfg.w_feat * loss_feat
-    )
+    loss = cfg.w_x * loss_x + w_s1 * loss_s1 + w_s2 * loss_s2 + cfg.w_fp * loss_fp1 + cfg.w_fp2 * loss_fp2
+    loss = loss + cfg.w_img * loss_img + cfg.w_feat * loss_feat
     logs = {
         "train/loss_x": loss_x.detach(),
         "train/loss_s": (loss_s1.detach() + loss_s2.detach()) / 2,

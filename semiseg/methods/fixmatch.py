@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import torch
 
 from semiseg.config import MethodConfig
-from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, partner_views, strong_view
+from semiseg.data.augment import StrongAugConfig
 from semiseg.engine.evaluate import evaluating
 from semiseg.engine.loop import StepOut
-from semiseg.losses import masked_ce, supervised_loss
+from semiseg.losses import supervised_loss
+from semiseg.methods.weak_to_strong import PseudoLabel, label_logs, partners, strong_loss, strong_views
 from semiseg.models import build_model
-from semiseg.ops import confident, cutmix_targets, label_accuracy, mask_ratio, pseudo_label
 
 
 @dataclass(frozen=True)
@@ -51,35 +51,25 @@ def build(cfg, info):
 def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     model = nets["model"]
     l, u = batch.l, batch.u
-    n_l, (n_u, _, h, w) = l.image.shape[0], u.image.shape
-    s = strong_view(u.image, ctx.gen, cfg.strong)
-    box = cutmix_box(n_u, h, w, ctx.gen, cfg.strong.cutmix_p, cfg.strong.mix_area, cfg.strong.mix_ratio, s.device)
-    u_mix = batch.u_mix
-    partner_w, partner_pad, (partner_s,) = partner_views(
-        u.image, u.pad, [s], ctx.gen, cfg.strong, *((u_mix.image, u_mix.pad) if u_mix else ())
-    )
+    partner = partners(batch)
+    views = strong_views(u, partner, 1, ctx.gen, cfg.strong)
 
     # The partner's pseudo-label comes from an eval-mode (running BN statistics), no-grad pass, as in the reference.
     with evaluating(model):
-        conf_p, label_p = pseudo_label(model(partner_w))
+        partner_pl = PseudoLabel.of(model(partner.image), partner.pad)
 
     if cfg.joint_forward:
+        n_l = l.image.shape[0]
         logits = model(torch.cat([l.image, u.image]))
         logits_x, logits_w = logits[:n_l], logits[n_l:]
     else:
         logits_x, logits_w = model(l.image), model(u.image)
-    logits_s = model(mix(s, partner_s, box))
+    logits_s = model(views.images[0])
 
-    conf, label = pseudo_label(logits_w)
-    label_m, conf_m, pad_m = cutmix_targets(label, conf, u.pad, label_p, conf_p, partner_pad, box)
+    pl = PseudoLabel.of(logits_w, u.pad)
+    (target,) = views.targets(pl, partner_pl)
     loss_x = supervised_loss(logits_x, l.mask, cfg.criterion, cfg.ohem_thresh, cfg.ohem_min_kept)
-    loss_s = masked_ce(logits_s, label_m, confident(conf_m, cfg.tau), ~pad_m)
+    loss_s = strong_loss(logits_s, target, cfg.tau)
     loss = cfg.w_x * loss_x + cfg.w_s * loss_s
-    logs = {
-        "train/loss_x": loss_x.detach(),
-        "train/loss_s": loss_s.detach(),
-        "train/mask_ratio": mask_ratio(conf, cfg.tau, u.pad),
-    }
-    if u.mask is not None:
-        logs["train/pl_acc"] = label_accuracy(label, u.mask, confident(conf, cfg.tau) * (~u.pad))
+    logs = {"train/loss_x": loss_x.detach(), "train/loss_s": loss_s.detach(), **label_logs(pl, u.mask, cfg.tau)}
     return StepOut(loss, logs)

@@ -8,11 +8,11 @@ Paper: Yang et al., "ST++: Make Self-training Work Better for Semi-supervised Se
 Loss: plain cross-entropy (or OHEM, method.criterion) averaged over the non-ignored pixels of the mixed batch; padded
 and Cutout pixels are ignored. Strong augmentation (colour jitter, grayscale, blur, Cutout) touches only the crops
 whose mask is a pseudo-label (batch.l.pseudo), on the device.
-Stages (semiseg.selftrain): ST = 1_teacher, 2_label, 3_student; ST++ = 1_teacher (K snapshots), 2_select, 3_label,
-4_student1, 5_relabel, 6_student2, each in its own folder under the run; rerunning resumes at the first unfinished
-stage. Budget: every training stage trains a fresh network for the preset's train.iters (or train.epochs over its own
-list), so ST costs two trainings and ST++ three. ST keeps the K teacher snapshots too (`semiseg suggest` reads them;
-method.snapshots=0 skips them).
+Stages (semiseg.methods.selftrain, run by semiseg.engine.run): ST = 1_teacher, 2_label, 3_student; ST++ =
+1_teacher (K snapshots), 2_select, 3_label, 4_student1, 5_relabel, 6_student2, each in its own folder under the run;
+rerunning resumes at the first unfinished stage. Budget: every training stage trains a fresh network for the preset's
+train.iters (or train.epochs over its own list), so ST costs two trainings and ST++ three. ST keeps the K teacher
+snapshots too (`semiseg suggest` reads them; method.snapshots=0 skips them).
 Names: "st" and "stpp" are both this module. The name alone selects the pipeline (`Config.plus` is derived from it),
 so a config cannot say "st" and run ST++, and one Config class documents both.
 Command: `torchrun --nproc_per_node 2 -m semiseg train configs/pascal/stpp_r101_732.yaml`; expected 77.3 mIoU on
@@ -29,8 +29,9 @@ import torch
 from semiseg.engine.evaluate import predict_multiscale, predict_whole
 from semiseg.engine.loop import StepOut
 from semiseg.losses import supervised_loss
+from semiseg.methods import selftrain
+from semiseg.methods.selftrain import SelfTrainConfig, augment_pseudo
 from semiseg.models import build_model
-from semiseg.selftrain import Recipe, SelfTrainConfig, augment_pseudo, run_stages
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,9 @@ def predict(net, x: torch.Tensor) -> torch.Tensor:
     return predict_whole(net, x).argmax(1)
 
 
-def run(cfg, run_dir):
-    """Run (or resume) ST or ST++ in run_dir; returns the root results.json content."""
-    recipe = Recipe(build, train_step, partial(label, cfg=cfg.method), predict, plus=cfg.method.plus)
-    return run_stages(cfg, run_dir, recipe)
+def stages(cfg):
+    """ST's three stages, or ST++'s six (method.name stpp)."""
+    return selftrain.stages(cfg, partial(label, cfg=cfg.method), predict)
+
+
+summarize = selftrain.summarize

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from semiseg.config import MethodConfig
-from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, partner_views, strong_view
+from semiseg.data.augment import StrongAugConfig
 from semiseg.engine.evaluate import evaluating
 from semiseg.engine.loop import StepOut
-from semiseg.losses import masked_ce, supervised_loss
+from semiseg.losses import supervised_loss
+from semiseg.methods.weak_to_strong import PseudoLabel, label_logs, partners, strong_loss, strong_views
 from semiseg.models import build_model
-from semiseg.ops import confident, cutmix_targets, label_accuracy, mask_ratio, pseudo_label
 
 
 @dataclass(frozen=True)
@@ -57,43 +57,33 @@ def build(cfg, info):
 def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     model = nets["model"]
     l, u = batch.l, batch.u
-    n_l, (n_u, _, h, w) = l.image.shape[0], u.image.shape
-    aug = cfg.strong
-    s1, s2 = strong_view(u.image, ctx.gen, aug), strong_view(u.image, ctx.gen, aug)
-    box1 = cutmix_box(n_u, h, w, ctx.gen, aug.cutmix_p, aug.mix_area, aug.mix_ratio, s1.device)
-    box2 = cutmix_box(n_u, h, w, ctx.gen, aug.cutmix_p, aug.mix_area, aug.mix_ratio, s1.device)
-    u_mix = batch.u_mix
-    partner_w, partner_pad, (partner_s1, partner_s2) = partner_views(
-        u.image, u.pad, [s1, s2], ctx.gen, aug, *((u_mix.image, u_mix.pad) if u_mix else ())
-    )
+    partner = partners(batch)
+    views = strong_views(u, partner, 2, ctx.gen, cfg.strong)
 
     # The partner's pseudo-label comes from an eval-mode (running BN statistics), no-grad pass, as in the reference.
     with evaluating(model):
-        conf_p, label_p = pseudo_label(model(partner_w))
+        partner_pl = PseudoLabel.of(model(partner.image), partner.pad)
 
     if cfg.joint_forward:
+        n_l = l.image.shape[0]
         logits, (logits_fp,) = model.forward_fp(torch.cat([l.image, u.image]), 1)
         logits_x, logits_w, logits_w_fp = logits[:n_l], logits[n_l:], logits_fp[n_l:]
     else:  # the labeled crops skip the feature-perturbed stream, whose labeled half the reference discards anyway
         logits_x = model(l.image)
         logits_w, (logits_w_fp,) = model.forward_fp(u.image, 1)
-    strong = torch.cat([mix(s1, partner_s1, box1), mix(s2, partner_s2, box2)])
-    logits_s1, logits_s2 = model(strong).chunk(2)
+    logits_s1, logits_s2 = model(torch.cat(views.images)).chunk(2)
 
-    conf, label = pseudo_label(logits_w)
-    label1, conf1, pad1 = cutmix_targets(label, conf, u.pad, label_p, conf_p, partner_pad, box1)
-    label2, conf2, pad2 = cutmix_targets(label, conf, u.pad, label_p, conf_p, partner_pad, box2)
+    pl = PseudoLabel.of(logits_w, u.pad)
+    target1, target2 = views.targets(pl, partner_pl)
     loss_x = supervised_loss(logits_x, l.mask, cfg.criterion, cfg.ohem_thresh, cfg.ohem_min_kept)
-    loss_s1 = masked_ce(logits_s1, label1, confident(conf1, cfg.tau), ~pad1)
-    loss_s2 = masked_ce(logits_s2, label2, confident(conf2, cfg.tau), ~pad2)
-    loss_fp = masked_ce(logits_w_fp, label, confident(conf, cfg.tau), ~u.pad)
+    loss_s1 = strong_loss(logits_s1, target1, cfg.tau)
+    loss_s2 = strong_loss(logits_s2, target2, cfg.tau)
+    loss_fp = strong_loss(logits_w_fp, pl, cfg.tau)
     loss = cfg.w_x * loss_x + cfg.w_s1 * loss_s1 + cfg.w_s2 * loss_s2 + cfg.w_fp * loss_fp
     logs = {
         "train/loss_x": loss_x.detach(),
         "train/loss_s": (loss_s1.detach() + loss_s2.detach()) / 2,
         "train/loss_fp": loss_fp.detach(),
-        "train/mask_ratio": mask_ratio(conf, cfg.tau, u.pad),
+        **label_logs(pl, u.mask, cfg.tau),
     }
-    if u.mask is not None:
-        logs["train/pl_acc"] = label_accuracy(label, u.mask, confident(conf, cfg.tau) * (~u.pad))
     return StepOut(loss, logs)

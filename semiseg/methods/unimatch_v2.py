@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 import torch
 
 from semiseg.config import MethodConfig
-from semiseg.data.augment import StrongAugConfig, cutmix_box, mix, partner_views, strong_view
+from semiseg.data.augment import StrongAugConfig
 from semiseg.engine.checkpoint import unwrap
 from semiseg.engine.ema import ema_update, mean_teacher_keep
 from semiseg.engine.evaluate import evaluating
 from semiseg.engine.loop import StepOut
-from semiseg.losses import masked_ce, supervised_loss
+from semiseg.losses import supervised_loss
+from semiseg.methods.weak_to_strong import PseudoLabel, label_logs, partner_label, partners, strong_loss, strong_views
 from semiseg.models import build_model, upsample
-from semiseg.ops import confident, cutmix_targets, label_accuracy, mask_ratio, pseudo_label, roll
 
 
 @dataclass(frozen=True)
@@ -105,40 +105,29 @@ def forward_complementary(model, x: torch.Tensor, scales: torch.Tensor) -> torch
 def train_step(nets, batch, cfg: Config, ctx) -> StepOut:
     student, teacher = nets["student"], nets["teacher"]
     l, u = batch.l, batch.u
-    n_u, _, h, w = u.image.shape
-    aug = cfg.strong
-    s1, s2 = strong_view(u.image, ctx.gen, aug), strong_view(u.image, ctx.gen, aug)
-    box1 = cutmix_box(n_u, h, w, ctx.gen, aug.cutmix_p, aug.mix_area, aug.mix_ratio, s1.device)
-    box2 = cutmix_box(n_u, h, w, ctx.gen, aug.cutmix_p, aug.mix_area, aug.mix_ratio, s1.device)
-    u_mix = batch.u_mix
-    partner_w, partner_pad, (partner_s1, partner_s2) = partner_views(
-        u.image, u.pad, [s1, s2], ctx.gen, aug, *((u_mix.image, u_mix.pad) if u_mix else ())
-    )
+    partner = partners(batch)
+    views = strong_views(u, partner, 2, ctx.gen, cfg.strong)
 
     # The teacher runs in eval mode without gradients, as in the reference; its prediction does not depend on the
     # rest of the batch, so rolled partners take the rolled output instead of a second pass.
     with evaluating(teacher):
-        conf, label = pseudo_label(teacher(u.image))
-        conf_p, label_p = pseudo_label(teacher(partner_w)) if u_mix is not None else (roll(conf), roll(label))
+        pl = PseudoLabel.of(teacher(u.image), u.pad)
+        partner_pl = partner_label(pl, partner, teacher)
 
     logits_x = student(l.image)
-    strong = torch.cat([mix(s1, partner_s1, box1), mix(s2, partner_s2, box2)])
-    scales = complementary_masks(n_u, max(unwrap(student).backbone.channels), cfg.perturb_frac, ctx.gen)
-    logits_s1, logits_s2 = forward_complementary(student, strong, scales).chunk(2)
+    scales = complementary_masks(u.image.shape[0], max(unwrap(student).backbone.channels), cfg.perturb_frac, ctx.gen)
+    logits_s1, logits_s2 = forward_complementary(student, torch.cat(views.images), scales).chunk(2)
 
-    label1, conf1, pad1 = cutmix_targets(label, conf, u.pad, label_p, conf_p, partner_pad, box1)
-    label2, conf2, pad2 = cutmix_targets(label, conf, u.pad, label_p, conf_p, partner_pad, box2)
+    target1, target2 = views.targets(pl, partner_pl)
     loss_x = supervised_loss(logits_x, l.mask, cfg.criterion, cfg.ohem_thresh, cfg.ohem_min_kept)
-    loss_s1 = masked_ce(logits_s1, label1, confident(conf1, cfg.tau), ~pad1)
-    loss_s2 = masked_ce(logits_s2, label2, confident(conf2, cfg.tau), ~pad2)
+    loss_s1 = strong_loss(logits_s1, target1, cfg.tau)
+    loss_s2 = strong_loss(logits_s2, target2, cfg.tau)
     loss = cfg.w_x * loss_x + cfg.w_s1 * loss_s1 + cfg.w_s2 * loss_s2
     logs = {
         "train/loss_x": loss_x.detach(),
         "train/loss_s": (loss_s1.detach() + loss_s2.detach()) / 2,
-        "train/mask_ratio": mask_ratio(conf, cfg.tau, u.pad),
+        **label_logs(pl, u.mask, cfg.tau),
     }
-    if u.mask is not None:
-        logs["train/pl_acc"] = label_accuracy(label, u.mask, confident(conf, cfg.tau) * (~u.pad))
     return StepOut(loss, logs)
 
 

@@ -1,4 +1,5 @@
-"""Segmentation heads on a backbone's [c1, c2, c3, c4]: DeepLabV3+, DeepLabV3, DeepLabV2 and CTT's DeepLabV2 head.
+"""Segmentation heads on a backbone's [c1, c2, c3, c4]: DeepLabV3+ (UniMatch's and CPS's form), DeepLabV3, DeepLabV2
+and CTT's DeepLabV2 head.
 
 Every head has the same interface, so a Segmentor can hold any of them (and several at once):
   features(feats) -> (B, out_channels, h, w)   the pre-classifier map (the embedding methods work on)
@@ -110,6 +111,75 @@ class DeepLabV3PlusHead(nn.Module):
 
     def features(self, feats: Sequence[Tensor]) -> Tensor:
         """[c1..c4] -> (B, head_channels, h1, w1)."""
+        return self.decode(feats[0], feats[-1])
+
+    def fp_features(self, feats: Sequence[Tensor], n: int, p: float) -> Tensor:
+        """[c1..c4] -> ((n+1)B, head_channels, h1, w1): clean, then n streams with c1 and c4 channel-dropped."""
+        return self.decode(perturb(feats[0], n, p), perturb(feats[-1], n, p))
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        return self.classifier(self.features(feats))
+
+
+class CPSASPP(nn.Module):
+    """CPS's ASPP (TorchSemiSeg `network.py`, which CTT's DeepLabV3+ uses): a 1x1 and one 3x3 atrous conv per rate,
+    BatchNorm over their concatenation, LeakyReLU, a 1x1 reduction; the image-pooling branch (1x1, BN, LeakyReLU, 1x1)
+    is added to that reduction rather than concatenated; then BN and LeakyReLU. x (B, in_ch, h, w) -> (B, out_ch, h, w).
+    Module names follow the reference's."""
+
+    def __init__(self, in_ch: int, out_ch: int, rates: Sequence[int], hidden: int = 256):
+        super().__init__()
+        convs = [nn.Conv2d(in_ch, hidden, 1, bias=False)]
+        convs += [nn.Conv2d(in_ch, hidden, 3, padding=r, dilation=r, bias=False) for r in rates]
+        self.map_convs = nn.ModuleList(convs)
+        self.map_bn = nn.BatchNorm2d(hidden * len(convs))
+        self.global_pooling_conv = nn.Conv2d(in_ch, hidden, 1, bias=False)
+        self.global_pooling_bn = nn.BatchNorm2d(hidden)
+        self.red_conv = nn.Conv2d(hidden * len(convs), out_ch, 1, bias=False)
+        self.pool_red_conv = nn.Conv2d(hidden, out_ch, 1, bias=False)
+        self.red_bn = nn.BatchNorm2d(out_ch)
+        self.leak_relu = nn.LeakyReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.red_conv(self.leak_relu(self.map_bn(torch.cat([m(x) for m in self.map_convs], dim=1))))
+        pool = self.leak_relu(self.global_pooling_bn(self.global_pooling_conv(x.mean(dim=(2, 3), keepdim=True))))
+        # the pooled branch is one value per image and channel: adding it broadcasts it over the map
+        return self.leak_relu(self.red_bn(out + self.pool_red_conv(pool)))
+
+
+class DeepLabV3PlusCPSHead(nn.Module):
+    """CPS's DeepLabV3+ head (CTT's `cross_teacher_deeplabv3+.py` network): CPSASPP on c4, upsampled and concatenated
+    before the 48-channel reduction of c1, two 3x3 convs (BN, ReLU), no dropout; features at c1's stride (4). Its convs
+    start from Kaiming normal (fan_in, ReLU), the reference's init of these layers."""
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        num_classes: int,
+        rates: Sequence[int] = (6, 12, 18),
+        head_channels: int = 256,
+        low_level_channels: int = 48,
+    ):
+        super().__init__()
+        self.aspp = CPSASPP(channels[-1], head_channels, rates, head_channels)
+        self.reduce = conv_bn_relu(channels[0], low_level_channels, 1)
+        self.last_conv = nn.Sequential(
+            *conv_bn_relu(head_channels + low_level_channels, head_channels, 3),
+            *conv_bn_relu(head_channels, head_channels, 3),
+        )
+        self.classifier = nn.Conv2d(head_channels, num_classes, 1)
+        self.out_channels = head_channels
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+
+    def decode(self, c1: Tensor, c4: Tensor) -> Tensor:
+        """c1 (B, C1, h1, w1), c4 (B, C4, h4, w4) -> (B, head_channels, h1, w1)."""
+        x = F.interpolate(self.aspp(c4), size=c1.shape[-2:], mode="bilinear", align_corners=True)
+        return self.last_conv(torch.cat([x, self.reduce(c1)], dim=1))
+
+    def features(self, feats: Sequence[Tensor]) -> Tensor:
+        """[c1..c4] -> (B, head_channels, h1, w1), the un-normalised map CTT contrasts."""
         return self.decode(feats[0], feats[-1])
 
     def fp_features(self, feats: Sequence[Tensor], n: int, p: float) -> Tensor:

@@ -8,6 +8,8 @@ match the v1c checkpoints distributed with ST++/UniMatch. Strides follow torchvi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 STEMS = ("deep", "torchvision")
@@ -103,8 +105,13 @@ def build_layer(
     stride: int,
     dilation: int,
     dilate: bool,
+    multi_grid: Sequence[int] = (),
 ) -> tuple[nn.Sequential, int, int]:
-    """One stage (`layerN`); returns (stage, its output channels, the dilation after it)."""
+    """One stage (`layerN`); returns (stage, its output channels, the dilation after it).
+
+    multi_grid (a dilated stage only): block i's 3x3 convs use the stage's dilation x multi_grid[i] (DeepLabV3's
+    Multi-Grid; CPS and CTT's DeepLabV3+: (1, 2, 4) at OS 16, dilations 2/4/8) instead of torchvision's scheme.
+    """
     # With dilate, the stride becomes dilation; the first block keeps the previous dilation, as in torchvision.
     first_dilation = dilation
     if dilate:
@@ -114,6 +121,15 @@ def build_layer(
     downsample = None
     if stride != 1 or in_ch != out_ch:
         downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+    if multi_grid:
+        if not dilate or len(multi_grid) != blocks:
+            raise ValueError(f"multi_grid needs a dilated stage and one value per block ({blocks}), got {multi_grid}")
+        rates = [dilation * g for g in multi_grid]
+        layers = [
+            block(in_ch if i == 0 else out_ch, planes, 1, r, r, downsample if i == 0 else None)
+            for i, r in enumerate(rates)
+        ]
+        return nn.Sequential(*layers), out_ch, dilation
     layers = [block(in_ch, planes, stride, dilation, first_dilation, downsample)]
     layers += [block(out_ch, planes, 1, dilation, dilation, None) for _ in range(1, blocks)]
     return nn.Sequential(*layers), out_ch, dilation
@@ -122,7 +138,14 @@ def build_layer(
 class ResNet(nn.Module):
     """ResNet trunk without pooling/fc; forward(x (B,3,H,W)) -> [c1, c2, c3, c4] at strides 4, 8, 8|16, 8|16|32."""
 
-    def __init__(self, depth: str = "resnet50", stem: str = "torchvision", width: int = 64, output_stride: int = 16):
+    def __init__(
+        self,
+        depth: str = "resnet50",
+        stem: str = "torchvision",
+        width: int = 64,
+        output_stride: int = 16,
+        multi_grid: Sequence[int] = (),
+    ):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"unknown ResNet depth {depth!r}; valid: {', '.join(DEPTHS)}")
@@ -139,7 +162,9 @@ class ResNet(nn.Module):
         self.layer1, in_ch, dilation = build_layer(block, in_ch, width, counts[0], 1, dilation, False)
         self.layer2, in_ch, dilation = build_layer(block, in_ch, 2 * width, counts[1], 2, dilation, dilate[0])
         self.layer3, in_ch, dilation = build_layer(block, in_ch, 4 * width, counts[2], 2, dilation, dilate[1])
-        self.layer4, in_ch, dilation = build_layer(block, in_ch, 8 * width, counts[3], 2, dilation, dilate[2])
+        self.layer4, in_ch, dilation = build_layer(
+            block, in_ch, 8 * width, counts[3], 2, dilation, dilate[2], multi_grid
+        )
         self.channels = tuple(m * width * block.expansion for m in (1, 2, 4, 8))
         self.output_stride = output_stride
         for m in self.modules():
@@ -159,6 +184,8 @@ class ResNet(nn.Module):
         return [c1, c2, c3, c4]
 
 
-def build_resnet(depth: str, stem: str = "deep", width: int = 64, output_stride: int = 16) -> ResNet:
+def build_resnet(
+    depth: str, stem: str = "deep", width: int = 64, output_stride: int = 16, multi_grid: Sequence[int] = ()
+) -> ResNet:
     """A randomly initialised ResNet trunk (weights are loaded separately by semiseg.models.pretrained)."""
-    return ResNet(depth, stem, width, output_stride)
+    return ResNet(depth, stem, width, output_stride, multi_grid)

@@ -1,26 +1,25 @@
-"""Segmentor: input normalisation, one backbone, one main head, optional extra heads, optional projection head.
+"""Segmentor: input normalisation, one backbone, one head, optional projection head.
 
 Every entry point takes uint8 or float-in-[0, 1] images (B, 3, H, W) and normalises them itself (`InputNorm`).
 
 Return types never depend on a flag: each kind of output has its own method.
   model(x)                       -> logits (B, K, H, W), upsampled to the input size
-  model.features(x)              -> feat (B, D, h, w), the main head's pre-classifier map
+  model.features(x)              -> feat (B, D, h, w), the head's pre-classifier map
   model.forward_with_features(x) -> (logits, feat)
   model.forward_fp(x, n)         -> (logits, [fp_logits_1 .. fp_logits_n])   UniMatch/DSSN feature perturbation
-  model.forward_heads(x, names)  -> {name: logits}, encoder run once; "main" is the main head
+  model.forward_fp_features(x, n) -> (logits, [fp_logits..], feat of all n+1 streams)   DSSN's InfoNCE alignment
   model.encode(x)                -> [c1, c2, c3, c4] for methods that decode the encoder output themselves
   model.project(feat)            -> (B, proj_dim, h, w) when built with proj_dim > 0
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-MAIN = "main"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -67,25 +66,20 @@ def build_projector(in_ch: int, proj_dim: int) -> nn.Sequential:
 
 
 class Segmentor(nn.Module):
-    """Backbone + head(s); the backbone returns [c1..c4], each head maps them to a feature map and logits."""
+    """Backbone + head; the backbone returns [c1..c4], the head maps them to a feature map and logits."""
 
     def __init__(
         self,
         backbone: nn.Module,
         head: nn.Module,
         fp_dropout: float = 0.5,
-        extra_heads: Mapping[str, nn.Module] | None = None,
         proj_dim: int = 0,
         input_norm: InputNorm | None = None,
     ):
         super().__init__()
-        extra_heads = dict(extra_heads or {})
         self.input_norm = input_norm or InputNorm()
-        if MAIN in extra_heads:
-            raise ValueError(f"extra head name {MAIN!r} is reserved for the main head")
         self.backbone = backbone
         self.head = head
-        self.extra_heads = nn.ModuleDict(extra_heads)
         self.projector = build_projector(head.out_channels, proj_dim) if proj_dim > 0 else None
         self.fp_dropout = fp_dropout
 
@@ -98,7 +92,7 @@ class Segmentor(nn.Module):
         return upsample(self.head(self.encode(x)), x.shape[-2:])
 
     def features(self, x: Tensor) -> Tensor:
-        """x (B, 3, H, W) -> feat (B, D, h, w), the main head's pre-classifier map."""
+        """x (B, 3, H, W) -> feat (B, D, h, w), the head's pre-classifier map."""
         return self.head.features(self.encode(x))
 
     def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,20 +110,11 @@ class Segmentor(nn.Module):
         logits = upsample(self.head.classifier(feat), x.shape[-2:]).chunk(n + 1)
         return logits[0], list(logits[1:])
 
-    def forward_heads(self, x: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
-        """x (B, 3, H, W) -> {name: logits (B, K_name, H, W)} for the named heads ("main" = the main head)."""
-        heads = {name: self.get_head(name) for name in names}
-        feats = self.encode(x)
-        return {name: upsample(head(feats), x.shape[-2:]) for name, head in heads.items()}
-
-    def get_head(self, name: str) -> nn.Module:
-        """The head called `name` ("main" or a key of extra_heads)."""
-        if name == MAIN:
-            return self.head
-        if name not in self.extra_heads:
-            valid = ", ".join([MAIN, *self.extra_heads])
-            raise ValueError(f"unknown head {name!r}; valid: {valid}")
-        return self.extra_heads[name]
+    def forward_fp_features(self, x: Tensor, n: int = 1) -> tuple[Tensor, list[Tensor], Tensor]:
+        """forward_fp that also returns the decoded features ((n+1)B, D, h, w) of the clean and perturbed streams."""
+        feat = self.head.fp_features(self.encode(x), n, self.fp_dropout)
+        logits = upsample(self.head.classifier(feat), x.shape[-2:]).chunk(n + 1)
+        return logits[0], list(logits[1:]), feat
 
     def project(self, feat: Tensor) -> Tensor:
         """feat (B, D, h, w) -> (B, proj_dim, h, w) through the projection head."""
@@ -142,6 +127,6 @@ class Segmentor(nn.Module):
         return list(self.backbone.parameters())
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """Every other parameter (heads, extra heads, projector): the learning rate times head_lr_mult."""
+        """Every other parameter (head, projector): the learning rate times head_lr_mult."""
         backbone = {id(p) for p in self.backbone.parameters()}
         return [p for p in self.parameters() if id(p) not in backbone]

@@ -22,8 +22,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from semiseg.models.pretrained import NAMED_WEIGHTS
-
 PATCH = 14
 GRID = 37
 """side of the checkpoints' position table: 518 px / 14"""
@@ -45,8 +43,6 @@ VIT_SIZES = {
     "base": ViTSize(768, 12, 12, (2, 5, 8, 11), "b"),
     "large": ViTSize(1024, 24, 16, (4, 11, 17, 23), "l"),
 }
-DINOV2_URLS = NAMED_WEIGHTS["dinov2"]
-"""backbone name -> official checkpoint URL"""
 
 
 def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int], offset: float = 0.1) -> Tensor:

@@ -1,0 +1,195 @@
+"""Bench results: what `semiseg bench` writes and reads (results.json), their summary over seeds and their text.
+
+bench.py trains and fills the results; report.py draws them; both read and format them through this module, which
+imports neither (and nothing that trains).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from semiseg.engine.log import format_duration
+from semiseg.errors import DataError
+
+REFERENCES = ("supervised", "full")
+"""bench names of the two references: the labeled subset only, and every train label"""
+
+
+def gap_closed(miou: float, sup: float, full: float) -> float:
+    """Share in % of the supervised -> full gap that `miou` closes: (m - sup) / (full - sup) * 100; NaN if gap <= 0."""
+    values = (miou, sup, full)
+    if any(v is None or math.isnan(v) for v in values) or full - sup <= 0:
+        return math.nan
+    return (miou - sup) / (full - sup) * 100
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation) of finite values; std NaN below two values, both NaN for none."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else math.nan
+
+
+def _is_nan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def format_mean_std(mean: float | None, std: float | None) -> str:
+    """'62.31 ± 0.45'; '62.31' without a std (one seed); 'n/a' without a mean."""
+    if _is_nan(mean):
+        return "n/a"
+    return f"{mean:.2f}" if _is_nan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _format_duration(seconds: float | None) -> str:
+
+    return "n/a" if _is_nan(seconds) else format_duration(seconds)
+
+
+TABLE_HEADER = ("method", "mIoU best", "mIoU last", "gap closed %", "train time", "images/s")
+
+
+def table_rows(results: dict) -> list[tuple[str, ...]]:
+    """One formatted row per method of results['summary'], in results['methods'] order (see TABLE_HEADER)."""
+    rows = []
+    for name in results["methods"]:
+        s = results["summary"].get(name, {})
+        best, last = s.get("miou_best", {}), s.get("miou_last", {})
+        gap = s.get("gap_closed_best")
+        ips = s.get("images_per_second")
+        rows.append(
+            (
+                name,
+                format_mean_std(best.get("mean"), best.get("std")),
+                format_mean_std(last.get("mean"), last.get("std")),
+                "n/a" if _is_nan(gap) else f"{gap:.1f}",
+                _format_duration(s.get("train_seconds")),
+                "n/a" if _is_nan(ips) else f"{ips:.1f}",
+            )
+        )
+    return rows
+
+
+def protocol_lines(results: dict) -> list[str]:
+    """The protocol in a few human-readable lines (results.md, report.html)."""
+    p = results["protocol"]
+    seeds = ",".join(str(s) for s in p["seeds"])
+    res = p.get("resolution") or [0, 0]
+    every = f"evaluated every {p['eval_every']} steps" if p["eval_every"] else "evaluated at the end only"
+    lines = [
+        f"preset `{p['preset']}`: {p['dataset']} at `{p['data_root']}`",
+        f"labeled {p['labeled']} of {p['train_split']} ({p['labeled_count']} labeled / {p['unlabeled_count']} "
+        f"unlabeled of {p['train_count']}), seeds {seeds} (split and training seed); "
+        f"`full` uses all {p['train_count']} labels"
+        + (f" and trains {p['full_iters']} iterations" if p.get("full_iters", p["iters"]) != p["iters"] else ""),
+        f"model {p['model']}; images {res[0]}x{res[1]} (resize {p['resize']:g}), crop {p['crop']}, "
+        f"{p['iters']} iterations, batch {p['batch_size']} labeled + {p['batch_size_u']} unlabeled",
+        f"evaluation on {p['eval_split']} ({p['eval_images']} images, {p['eval_mode']}); best = the checkpoint with "
+        f"the best {p['val_split']} mIoU ({every}), last = the final model; mean ± sample std over seeds",
+        "gap closed % = (method - supervised) / (full - supervised) x 100 on the mean best mIoU",
+        "machine: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
+    ]
+    return lines
+
+
+def format_markdown(results: dict) -> str:
+    """results.md: the comparison table and the protocol."""
+    rows = table_rows(results)
+    out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(TABLE_HEADER) - 1)) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    out += pseudo_label_lines(results)
+    out += ["", "Protocol:", ""] + [f"- {line}" for line in protocol_lines(results)]
+    out += ["", f"Command: `{results['protocol']['command']}`"]
+    return "\n".join(out) + "\n"
+
+
+def _pl_miou(diag: dict | None, key: str) -> str:
+    miou = ((diag or {}).get(key) or {}).get("miou")
+    return "-" if miou is None else f"{miou:.2f}"
+
+
+PSEUDO_LABEL_CAPTION = (
+    "Pseudo-labels of the unlabeled images against their ground truth, mIoU % (a diagnostic, never used to "
+    "train). ST++/BST rank the images by stability: the teacher's labels of the reliable (stable) half vs the "
+    "unreliable half test ST++'s premise; training used the teacher's labels of the reliable half and the "
+    "first student's re-labels of the unreliable half; ST labels all images once with the teacher:"
+)
+PSEUDO_LABEL_HEADER = (
+    "method", "seed", "teacher, reliable", "teacher, unreliable", "used, reliable", "used, unreliable", "used, all"
+)  # fmt: skip
+
+
+def pseudo_label_rows(results: dict) -> list[list[str]]:
+    """Rows of PSEUDO_LABEL_HEADER: one per self-training run with pseudo-label diagnostics, in method order."""
+    rows = []
+    for name in results["methods"]:
+        for seed, run in sorted(results["runs"].get(name, {}).items(), key=lambda kv: int(kv[0])):
+            diag = run.get("pseudo_labels")
+            if not diag:
+                continue
+            teacher = diag.get("teacher_on_selection")
+            cells = [_pl_miou(teacher, "reliable"), _pl_miou(teacher, "unreliable")]
+            cells += [_pl_miou(diag, "reliable"), _pl_miou(diag, "unreliable"), _pl_miou(diag, "all")]
+            rows.append([name, str(seed), *cells])
+    return rows
+
+
+def pseudo_label_lines(results: dict) -> list[str]:
+    """The pseudo-label table in markdown (results.md), or nothing when no run pseudo-labels."""
+    rows = pseudo_label_rows(results)
+    if not rows:
+        return []
+    return [
+        "",
+        PSEUDO_LABEL_CAPTION,
+        "",
+        "| " + " | ".join(PSEUDO_LABEL_HEADER) + " |",
+        "|---|" + "---:|" * (len(PSEUDO_LABEL_HEADER) - 1),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def summarize(runs: dict[str, dict[str, dict]], order: Sequence[str]) -> dict[str, dict]:
+    """Per method: mean/std of best and last mIoU over seeds, gap closed, mean time/throughput, mean class IoU."""
+    summary: dict[str, dict] = {}
+    for name in order:
+        records = list(runs.get(name, {}).values())
+        best, last = mean_std([r["miou_best"] for r in records]), mean_std([r["miou_last"] for r in records])
+        classes = list(dict.fromkeys(c for r in records for c in r["iou_best"]))
+        summary[name] = {
+            "seeds": len(records),
+            "miou_best": {"mean": best[0], "std": best[1]},
+            "miou_last": {"mean": last[0], "std": last[1]},
+            "train_seconds": mean_std([r["train_seconds"] for r in records])[0],
+            "images_per_second": mean_std([r["images_per_second"] for r in records])[0],
+            "peak_memory_mb": max((r["peak_memory_mb"] for r in records), default=math.nan),
+            "steps": records[0]["steps"] if records else None,
+            "iou_best": {c: mean_std([r["iou_best"].get(c) for r in records])[0] for c in classes},
+        }
+    for name in order:
+        for which in ("best", "last"):
+            m, s, f = (summary.get(n, {}).get(f"miou_{which}", {}).get("mean") for n in (name, *REFERENCES))
+            summary[name][f"gap_closed_{which}"] = gap_closed(m, s, f)
+    return summary
+
+
+def run_folder_name(entry: str) -> str:
+    """The run folder of a bench entry: `dssn:align=none` -> `dssn+align=none` (no ':' in paths)."""
+    return entry.replace(":", "+").replace("/", "_")
+
+
+def read_results(bench_dir: str | Path) -> dict:
+    """The results.json of a bench folder (NaN numbers are stored as null)."""
+    path = Path(bench_dir) / "results.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run `semiseg bench PRESET --methods ... --out {bench_dir}` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON ({err})") from None
