@@ -79,7 +79,22 @@ class ASPP(nn.Module):
         return self.project(torch.cat([getattr(self, f"b{i}")(x) for i in range(self.num_branches)], dim=1))
 
 
-class DeepLabV3PlusHead(nn.Module):
+class LowLevelDecoder(nn.Module):
+    """A head that decodes c4 with c1 (`decode(c1, c4)` in the subclass): features, perturbed streams, logits."""
+
+    def features(self, feats: Sequence[Tensor]) -> Tensor:
+        """[c1..c4] -> (B, head_channels, h1, w1)."""
+        return self.decode(feats[0], feats[-1])
+
+    def fp_features(self, feats: Sequence[Tensor], n: int, p: float) -> Tensor:
+        """[c1..c4] -> ((n+1)B, head_channels, h1, w1): clean, then n streams with c1 and c4 channel-dropped."""
+        return self.decode(perturb(feats[0], n, p), perturb(feats[-1], n, p))
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        return self.classifier(self.features(feats))
+
+
+class DeepLabV3PlusHead(LowLevelDecoder):
     """ASPP on c4, fused with the reduced c1 by two 3x3 convs; features at c1's stride (4)."""
 
     def __init__(
@@ -109,17 +124,6 @@ class DeepLabV3PlusHead(nn.Module):
         x = F.interpolate(self.aspp(c4), size=c1.shape[-2:], mode="bilinear", align_corners=True)
         return self.fuse(torch.cat([self.reduce(c1), x], dim=1))
 
-    def features(self, feats: Sequence[Tensor]) -> Tensor:
-        """[c1..c4] -> (B, head_channels, h1, w1)."""
-        return self.decode(feats[0], feats[-1])
-
-    def fp_features(self, feats: Sequence[Tensor], n: int, p: float) -> Tensor:
-        """[c1..c4] -> ((n+1)B, head_channels, h1, w1): clean, then n streams with c1 and c4 channel-dropped."""
-        return self.decode(perturb(feats[0], n, p), perturb(feats[-1], n, p))
-
-    def forward(self, feats: Sequence[Tensor]) -> Tensor:
-        return self.classifier(self.features(feats))
-
 
 class CPSASPP(nn.Module):
     """CPS's ASPP (TorchSemiSeg `network.py`, which CTT's DeepLabV3+ uses): a 1x1 and one 3x3 atrous conv per rate,
@@ -147,7 +151,7 @@ class CPSASPP(nn.Module):
         return self.leak_relu(self.red_bn(out + self.pool_red_conv(pool)))
 
 
-class DeepLabV3PlusCPSHead(nn.Module):
+class DeepLabV3PlusCPSHead(LowLevelDecoder):
     """CPS's DeepLabV3+ head (CTT's `cross_teacher_deeplabv3+.py` network): CPSASPP on c4, upsampled and concatenated
     before the 48-channel reduction of c1, two 3x3 convs (BN, ReLU), no dropout; features at c1's stride (4). Its convs
     start from Kaiming normal (fan_in, ReLU), the reference's init of these layers."""
@@ -177,17 +181,6 @@ class DeepLabV3PlusCPSHead(nn.Module):
         """c1 (B, C1, h1, w1), c4 (B, C4, h4, w4) -> (B, head_channels, h1, w1)."""
         x = F.interpolate(self.aspp(c4), size=c1.shape[-2:], mode="bilinear", align_corners=True)
         return self.last_conv(torch.cat([x, self.reduce(c1)], dim=1))
-
-    def features(self, feats: Sequence[Tensor]) -> Tensor:
-        """[c1..c4] -> (B, head_channels, h1, w1), the un-normalised map CTT contrasts."""
-        return self.decode(feats[0], feats[-1])
-
-    def fp_features(self, feats: Sequence[Tensor], n: int, p: float) -> Tensor:
-        """[c1..c4] -> ((n+1)B, head_channels, h1, w1): clean, then n streams with c1 and c4 channel-dropped."""
-        return self.decode(perturb(feats[0], n, p), perturb(feats[-1], n, p))
-
-    def forward(self, feats: Sequence[Tensor]) -> Tensor:
-        return self.classifier(self.features(feats))
 
 
 class DeepLabV3Head(nn.Module):
