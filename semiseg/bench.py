@@ -34,7 +34,7 @@ import yaml
 from semiseg import config as config_mod
 from semiseg.config import Config, ConfigError
 from semiseg.errors import CheckpointError, DataError
-from semiseg.results import REFERENCES, format_markdown, run_folder_name, summarize
+from semiseg.results import REFERENCES, format_markdown, merge_previous, read_results, run_folder_name, summarize
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 """the repository's configs/ folder (absent from an installed wheel)"""
@@ -69,6 +69,19 @@ def _shown(path: Path) -> Path:
         return path.resolve().relative_to(Path.cwd().resolve())
     except ValueError:
         return path
+
+
+def describe_model(m) -> str:
+    """The protocol's one-line model description: backbone with the fields that shape it, head, weights."""
+    if m.backbone.startswith("resnet"):
+        shape = f"width {m.width}, {m.stem} stem, OS{m.output_stride}"
+    elif m.backbone.startswith("mobilenet"):
+        shape = f"width x{m.width_mult:g}, OS{m.output_stride}" + (", TF padding" if m.tf_padding else "")
+    else:
+        shape = f"OS{m.output_stride}"
+    head = f"{m.head} ({m.head_channels} channels, low-level {m.low_level_channels})"
+    weights = f"; weights {_shown(Path(m.pretrained)) if '/' in m.pretrained else m.pretrained}" if m.pretrained else ""
+    return f"{m.backbone} ({shape}) {head}{weights}"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -443,8 +456,7 @@ def run_bench(
             "full_iters": base.train.full_iters or iters,
             "batch_size": base.data.batch_size,
             "batch_size_u": base.data.batch_size_u,
-            "model": f"{base.model.backbone} (width {base.model.width}, {base.model.stem} stem, "
-            f"OS{base.model.output_stride}) {base.model.head} ({base.model.head_channels} channels)",
+            "model": describe_model(base.model),
             "classes": list(info.classes),
             "palette": [list(c) for c in info.palette],
             "config": config_mod.to_dict(first),
@@ -455,6 +467,11 @@ def run_bench(
         "runs": {},
         "summary": {},
     }
+    previous_path = out / "results.json"
+    if previous_path.is_file():
+        differs = merge_previous(results, read_results(out))
+        if differs:
+            print(f"bench: {previous_path} is of another protocol ({differs} differs); this bench starts a new table")
     total = len(configs)
     # Runs another bench is training are taken up last (then waited for), so benches sharing a folder split the work.
     queue = [(i, key, False) for i, key in enumerate(configs, 1)]
@@ -471,7 +488,7 @@ def run_bench(
         evaluated = eval_on_split(run_dir, eval_split) if eval_split != cfg.data.val_split else None
         record = run_record(name, seed, run_dir, result, evaluated, cfg.data.val_split)
         results["runs"].setdefault(name, {})[str(seed)] = record
-        results["summary"] = summarize(results["runs"], order)
+        results["summary"] = summarize(results["runs"], results["methods"])
         # Written after every run, so that a long bench can be inspected (and reported) while it goes.
         atomic.write_json(out / "results.json", json_safe(results))
         atomic.write_text(out / "results.md", format_markdown(results))

@@ -25,6 +25,7 @@ from semiseg.results import (
     PSEUDO_LABEL_HEADER,
     REFERENCES,
     TABLE_HEADER,
+    command_list,
     format_mean_std,
     protocol_lines,
     pseudo_label_rows,
@@ -289,11 +290,12 @@ def results_table_html(results: dict) -> str:
     candidates = [n for n in results["methods"] if n not in REFERENCES]
     means = {n: summary.get(n, {}).get("miou_best", {}).get("mean") for n in candidates}
     top = max((n for n in candidates if means[n] is not None), key=lambda n: means[n], default=None)
+    best_col = TABLE_HEADER.index("mIoU best")
     out = ["<table class='results'><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in TABLE_HEADER) + "</tr>"]
     for name, row in zip(results["methods"], table_rows(results)):
         css = " class='reference'" if name in REFERENCES else ""
-        cells = [f"<td class='top'>{html.escape(v)}</td>" if (name == top and j == 1) else f"<td>{html.escape(v)}</td>"
-                 for j, v in enumerate(row)]  # fmt: skip
+        marks = ["" if (name, j) != (top, best_col) else " class='top'" for j in range(len(row))]
+        cells = [f"<td{mark}>{html.escape(v)}</td>" for mark, v in zip(marks, row)]
         out.append(f"<tr{css}>" + "".join(cells) + "</tr>")
     return "".join(out) + "</table>"
 
@@ -355,7 +357,7 @@ def write_report(bench_dir: str | Path, n_images: int = 4, data_root: str | None
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p><code>{html.escape(p["command"])}</code></p>
+{"".join(f"<p><code>{html.escape(c)}</code></p>" for c in command_list(p))}
 <h2>Results on {html.escape(p["eval_split"])}</h2>
 {results_table_html(results)}
 <ul>{protocol}</ul>

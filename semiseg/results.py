@@ -52,7 +52,7 @@ def _format_duration(seconds: float | None) -> str:
     return "n/a" if _is_nan(seconds) else format_duration(seconds)
 
 
-TABLE_HEADER = ("method", "mIoU best", "mIoU last", "gap closed %", "train time", "images/s")
+TABLE_HEADER = ("method", "seeds", "mIoU best", "mIoU last", "gap closed %", "train time", "images/s")
 
 
 def table_rows(results: dict) -> list[tuple[str, ...]]:
@@ -66,6 +66,7 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
         rows.append(
             (
                 name,
+                str(s.get("seeds", 0)),
                 format_mean_std(best.get("mean"), best.get("std")),
                 format_mean_std(last.get("mean"), last.get("std")),
                 "n/a" if _is_nan(gap) else f"{gap:.1f}",
@@ -105,8 +106,44 @@ def format_markdown(results: dict) -> str:
     out += ["| " + " | ".join(row) + " |" for row in rows]
     out += pseudo_label_lines(results)
     out += ["", "Protocol:", ""] + [f"- {line}" for line in protocol_lines(results)]
-    out += ["", f"Command: `{results['protocol']['command']}`"]
+    commands = command_list(results["protocol"])
+    out += [""] + [f"Command: `{c}`" for c in commands]
     return "\n".join(out) + "\n"
+
+
+def command_list(protocol: dict) -> list[str]:
+    """Every bench command whose runs the results hold, oldest first (one for a folder benched once)."""
+    return list(protocol.get("commands") or [protocol["command"]])
+
+
+MERGE_KEYS = (
+    "preset", "dataset", "data_root", "train_split", "labeled", "eval_split", "val_split", "iters", "full_iters",
+    "resize", "crop", "batch_size", "batch_size_u", "eval_mode", "eval_every",
+)  # fmt: skip
+"""protocol fields two benches into one folder must share for their runs to form one table"""
+
+
+def merge_previous(results: dict, previous: dict) -> str | None:
+    """Carry the runs of an earlier bench into the same folder over into `results` (in place), or say why not.
+
+    Benches into one folder with different --methods / --seeds (say, three seeds of the baselines, then one seed of
+    the rest) make one table: methods in the order first benched (supervised first, full last), seeds and commands
+    united; a run both hold keeps the new record. Returns None when merged, else the protocol field that differs
+    (nothing is carried over then).
+    """
+    p, q = results["protocol"], previous.get("protocol") or {}
+    for key in MERGE_KEYS:
+        if q.get(key) != p.get(key):
+            return key
+    for name, seeds in previous.get("runs", {}).items():
+        for seed, record in seeds.items():
+            results["runs"].setdefault(name, {}).setdefault(seed, record)
+    middle = [m for m in [*previous.get("methods", []), *results["methods"]] if m not in REFERENCES]
+    results["methods"] = ["supervised", *dict.fromkeys(middle), "full"]
+    p["seeds"] = sorted({*q.get("seeds", []), *p["seeds"]})
+    p["commands"] = list(dict.fromkeys([*command_list(q), p["command"]]))
+    results["summary"] = summarize(results["runs"], results["methods"])
+    return None
 
 
 def _pl_miou(diag: dict | None, key: str) -> str:

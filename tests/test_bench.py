@@ -11,7 +11,7 @@ from semiseg.bench import method_section
 from semiseg.cli import main
 from semiseg.config import ConfigError
 from semiseg.methods import METHODS, load_config
-from semiseg.results import format_markdown, gap_closed, mean_std, summarize
+from semiseg.results import format_markdown, gap_closed, mean_std, merge_previous, summarize
 
 TINY_BENCH = [
     "data.resize=1.0",
@@ -120,13 +120,43 @@ def test_summary_and_markdown_table_on_fixed_numbers():
 
     text = format_markdown({"protocol": _protocol(), "methods": order, "runs": runs, "summary": summary})
     lines = text.splitlines()
-    assert lines[0] == "| method | mIoU best | mIoU last | gap closed % | train time | images/s |"
-    assert lines[1] == "|---|---:|---:|---:|---:|---:|"
-    assert lines[2] == "| supervised | 41.00 ± 1.41 | 40.00 ± 1.41 | 0.0 | 01:10 | 11.0 |"
-    assert lines[3] == "| fixmatch | 46.00 ± 1.41 | 44.00 ± 0.00 | 50.0 | 02:10 | 21.0 |"
-    assert lines[4] == "| full | 51.00 ± 1.41 | 50.00 ± 0.00 | 100.0 | 1:00:50 | 11.0 |"
+    assert lines[0] == "| method | seeds | mIoU best | mIoU last | gap closed % | train time | images/s |"
+    assert lines[1] == "|---|---:|---:|---:|---:|---:|---:|"
+    assert lines[2] == "| supervised | 2 | 41.00 ± 1.41 | 40.00 ± 1.41 | 0.0 | 01:10 | 11.0 |"
+    assert lines[3] == "| fixmatch | 2 | 46.00 ± 1.41 | 44.00 ± 0.00 | 50.0 | 02:10 | 21.0 |"
+    assert lines[4] == "| full | 2 | 51.00 ± 1.41 | 50.00 ± 0.00 | 100.0 | 1:00:50 | 11.0 |"
     assert "labeled 1/8 of train (46 labeled / 321 unlabeled of 367), seeds 0,1" in text
     assert "evaluation on val (101 images, whole)" in text
+
+
+def test_a_second_bench_into_one_folder_joins_its_table():
+    def results(methods, runs, seeds, command, **protocol):
+        p = {**_protocol(), "seeds": seeds, "command": command, **protocol}
+        return {"protocol": p, "methods": methods, "runs": runs, "summary": {}}
+
+    first = results(
+        ["supervised", "unimatch", "full"],
+        {n: {str(s): _record(40.0 + s, 39.0, 60, 10.0) for s in (0, 1, 2)} for n in ("supervised", "unimatch", "full")},
+        [0, 1, 2],
+        "bench A",
+    )
+    second = results(
+        ["supervised", "st", "full"],
+        {"supervised": {"0": _record(50.0, 49.0, 60, 10.0)}, "st": {"0": _record(45.0, 44.0, 60, 10.0)}},
+        [0],
+        "bench B",
+    )
+    assert merge_previous(second, first) is None
+    assert second["methods"] == ["supervised", "unimatch", "st", "full"]
+    assert second["protocol"]["seeds"] == [0, 1, 2] and second["protocol"]["commands"] == ["bench A", "bench B"]
+    assert second["runs"]["supervised"]["0"]["miou_best"] == 50.0  # the new record of a run both hold
+    assert second["runs"]["supervised"]["2"]["miou_best"] == 42.0 and len(second["runs"]["unimatch"]) == 3
+    summary = second["summary"]
+    assert summary["unimatch"]["seeds"] == 3 and summary["st"]["seeds"] == 1 and summary["full"]["seeds"] == 3
+    text = format_markdown(second)
+    assert "| st | 1 | 45.00 |" in text and "Command: `bench A`" in text and "Command: `bench B`" in text
+    third = results(["supervised", "full"], {}, [0], "bench C", iters=200)
+    assert merge_previous(third, second) == "iters" and third["runs"] == {}  # another protocol: nothing joins
 
 
 def test_pseudo_label_table_of_self_training_runs():
@@ -256,7 +286,7 @@ def test_bench_end_to_end_on_another_split(tiny_bench):
     assert full_data == configs["supervised"]["data"]
 
     md = (out / "results.md").read_text().splitlines()
-    assert md[0].startswith("| method | mIoU best") and [r.split(" | ")[0] for r in md[2:5]] == [
+    assert md[0].startswith("| method | seeds | mIoU best") and [r.split(" | ")[0] for r in md[2:5]] == [
         "| supervised",
         "| fixmatch",
         "| full",
