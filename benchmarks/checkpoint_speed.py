@@ -45,7 +45,6 @@ def main() -> None:
         "optim": {n: o.state_dict() for n, o in opts.items()},
         "rng": [checkpoint.rng_state()],
     }
-    size = sum(t.numel() * t.element_size() for t in _tensors(state)) / 2**20
     inline, blocked, written = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "last.pt"
@@ -59,22 +58,12 @@ def main() -> None:
             blocked.append(time.perf_counter() - t)
             saver.wait()
             written.append(time.perf_counter() - t)
+        size = path.stat().st_size / 2**20
     print(
         f"{args.preset} {cfg.model.backbone}/{cfg.model.head}: state {size:.0f} MiB; training blocked per save: "
         f"inline {statistics.median(inline):.2f} s, background {statistics.median(blocked):.2f} s "
         f"(its write finishes after {statistics.median(written):.2f} s)"
     )
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 if __name__ == "__main__":
