@@ -121,6 +121,22 @@ def test_tf_padding_changes_only_the_stride_2_grid():
     torch.testing.assert_close(conv(x), expected)
 
 
+def test_depthwise_convs_stay_fp32_under_cpu_autocast():
+    torch.manual_seed(0)
+    block = MobileNetV2(width_mult=0.25).features[2].conv  # expand 1x1, depthwise 3x3, project 1x1
+    expand, depthwise, project = block[0][0], block[1][0], block[2]
+    assert depthwise.depthwise and not expand.depthwise and depthwise.groups == depthwise.in_channels
+    x = torch.randn(2, expand.in_channels, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = expand(x)
+        out = depthwise(hidden)
+        projected = project(out)
+    assert hidden.dtype == torch.bfloat16 and out.dtype == torch.float32 and projected.dtype == torch.bfloat16
+    # the depthwise output is the fp32 convolution of its (bf16) input, exactly
+    torch.testing.assert_close(out, depthwise(hidden.float()), rtol=0, atol=0)
+    assert depthwise(x[:, :1].expand(-1, depthwise.in_channels, -1, -1)).dtype == torch.float32  # no autocast: as is
+
+
 def test_imagenet_name_resolves_to_the_torchvision_url():
     assert resolve_weights("imagenet", "mobilenet_v2").endswith("/mobilenet_v2-b0353104.pth")
     assert resolve_weights("imagenet_v2", "resnet50").startswith("https://download.pytorch.org/models/")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -41,24 +42,37 @@ def same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, 
     return total // 2, total - total // 2
 
 
-class SameConv2d(nn.Conv2d):
-    """Conv2d with TF "SAME" padding computed from the input size (parameter names unchanged)."""
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameter names) with two MobileNetV2 options.
+
+    `same=True`: TF "SAME" padding computed from the input size (the module's own padding is 0).
+    Depthwise convolutions (groups == channels > 1) run in fp32 under CPU autocast: PyTorch's bf16 depthwise backward
+    on CPU is 3-10x slower than fp32's (README, training speed), while the 1x1 convolutions around them gain in bf16.
+    """
+
+    def __init__(self, *args, same: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.same = same
+        self.depthwise = self.groups > 1 and self.groups == self.in_channels == self.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        top, bottom = same_pads(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
-        left, right = same_pads(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
-        return super().forward(F.pad(x, (left, right, top, bottom)))
+        if self.same:
+            top, bottom = same_pads(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
+            left, right = same_pads(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
+            x = F.pad(x, (left, right, top, bottom))
+        if self.depthwise and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
 
 
 def conv_bn_relu6(
     in_ch: int, out_ch: int, kernel: int, stride: int = 1, dilation: int = 1, groups: int = 1, tf_padding=False
 ) -> nn.Sequential:
     """torchvision's Conv2dNormActivation: conv (no bias), BN, ReLU6 -> keys `0.weight`, `1.running_mean`."""
-    if tf_padding and stride > 1:
-        conv = SameConv2d(in_ch, out_ch, kernel, stride, 0, dilation, groups, bias=False)
-    else:
-        padding = (kernel - 1) // 2 * dilation
-        conv = nn.Conv2d(in_ch, out_ch, kernel, stride, padding, dilation, groups, bias=False)
+    same = tf_padding and stride > 1
+    padding = 0 if same else (kernel - 1) // 2 * dilation
+    conv = Conv2d(in_ch, out_ch, kernel, stride, padding, dilation, groups, bias=False, same=same)
     return nn.Sequential(conv, nn.BatchNorm2d(out_ch), nn.ReLU6(inplace=True))
 
 
