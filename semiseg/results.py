@@ -47,12 +47,27 @@ def format_mean_std(mean: float | None, std: float | None) -> str:
     return f"{mean:.2f}" if _is_nan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
+def format_delta(mean: float | None, std: float | None) -> str:
+    """'+1.20 ± 0.45' (signed, a paired difference); no std for one seed; 'n/a' without a mean."""
+    if _is_nan(mean):
+        return "n/a"
+    return f"{mean:+.2f}" if _is_nan(std) else f"{mean:+.2f} ± {std:.2f}"
+
+
+def paired_delta(runs: dict[str, dict], name: str, key: str = "miou_best") -> tuple[float, float]:
+    """Mean ± std over the seeds both `name` and supervised ran of (name - supervised): the split's luck cancels."""
+    own, sup = runs.get(name, {}), runs.get("supervised", {})
+    return mean_std([own[seed][key] - sup[seed][key] for seed in own if seed in sup])
+
+
 def _format_duration(seconds: float | None) -> str:
 
     return "n/a" if _is_nan(seconds) else format_duration(seconds)
 
 
-TABLE_HEADER = ("method", "seeds", "mIoU best", "mIoU last", "gap closed %", "train time", "images/s")
+TABLE_HEADER = (
+    "method", "seeds", "mIoU best", "mIoU last", "Δ best vs supervised", "gap closed %", "train time", "images/s"
+)  # fmt: skip
 
 
 def table_rows(results: dict) -> list[tuple[str, ...]]:
@@ -63,12 +78,14 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
         best, last = s.get("miou_best", {}), s.get("miou_last", {})
         gap = s.get("gap_closed_best")
         ips = s.get("images_per_second")
+        delta = s.get("delta_best") or {}
         rows.append(
             (
                 name,
                 str(s.get("seeds", 0)),
                 format_mean_std(best.get("mean"), best.get("std")),
                 format_mean_std(last.get("mean"), last.get("std")),
+                "-" if name == "supervised" else format_delta(delta.get("mean"), delta.get("std")),
                 "n/a" if _is_nan(gap) else f"{gap:.1f}",
                 _format_duration(s.get("train_seconds")),
                 "n/a" if _is_nan(ips) else f"{ips:.1f}",
@@ -93,7 +110,9 @@ def protocol_lines(results: dict) -> list[str]:
         f"{p['iters']} iterations, batch {p['batch_size']} labeled + {p['batch_size_u']} unlabeled",
         f"evaluation on {p['eval_split']} ({p['eval_images']} images, {p['eval_mode']}); best = the checkpoint with "
         f"the best {p['val_split']} mIoU ({every}), last = the final model; mean ± sample std over seeds",
-        "gap closed % = (method - supervised) / (full - supervised) x 100 on the mean best mIoU",
+        "Δ best vs supervised = mean ± std over seeds of (method - supervised) best mIoU on the same split (paired: "
+        "the luck of a split cancels); gap closed % = (method - supervised) / (full - supervised) x 100 on the mean "
+        "best mIoU over the seeds all three ran",
         "machine: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
     ]
     return lines
@@ -209,9 +228,14 @@ def summarize(runs: dict[str, dict[str, dict]], order: Sequence[str]) -> dict[st
             "steps": records[0]["steps"] if records else None,
             "iou_best": {c: mean_std([r["iou_best"].get(c) for r in records])[0] for c in classes},
         }
+        delta = paired_delta(runs, name)
+        summary[name]["delta_best"] = {"mean": delta[0], "std": delta[1]}
     for name in order:
+        # on the seeds the method and both references ran, so that a bench still running compares like with like
+        trio = [runs.get(n, {}) for n in (name, *REFERENCES)]
+        seeds = [seed for seed in trio[0] if all(seed in r for r in trio[1:])]
         for which in ("best", "last"):
-            m, s, f = (summary.get(n, {}).get(f"miou_{which}", {}).get("mean") for n in (name, *REFERENCES))
+            m, s, f = (mean_std([r[seed][f"miou_{which}"] for seed in seeds])[0] for r in trio)
             summary[name][f"gap_closed_{which}"] = gap_closed(m, s, f)
     return summary
 

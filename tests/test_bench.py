@@ -120,13 +120,29 @@ def test_summary_and_markdown_table_on_fixed_numbers():
 
     text = format_markdown({"protocol": _protocol(), "methods": order, "runs": runs, "summary": summary})
     lines = text.splitlines()
-    assert lines[0] == "| method | seeds | mIoU best | mIoU last | gap closed % | train time | images/s |"
-    assert lines[1] == "|---|---:|---:|---:|---:|---:|---:|"
-    assert lines[2] == "| supervised | 2 | 41.00 ± 1.41 | 40.00 ± 1.41 | 0.0 | 01:10 | 11.0 |"
-    assert lines[3] == "| fixmatch | 2 | 46.00 ± 1.41 | 44.00 ± 0.00 | 50.0 | 02:10 | 21.0 |"
-    assert lines[4] == "| full | 2 | 51.00 ± 1.41 | 50.00 ± 0.00 | 100.0 | 1:00:50 | 11.0 |"
+    assert lines[0] == (
+        "| method | seeds | mIoU best | mIoU last | Δ best vs supervised | gap closed % | train time | images/s |"
+    )
+    assert lines[1] == "|---|---:|---:|---:|---:|---:|---:|---:|"
+    assert lines[2] == "| supervised | 2 | 41.00 ± 1.41 | 40.00 ± 1.41 | - | 0.0 | 01:10 | 11.0 |"
+    assert lines[3] == "| fixmatch | 2 | 46.00 ± 1.41 | 44.00 ± 0.00 | +5.00 ± 0.00 | 50.0 | 02:10 | 21.0 |"
+    assert lines[4] == "| full | 2 | 51.00 ± 1.41 | 50.00 ± 0.00 | +10.00 ± 2.83 | 100.0 | 1:00:50 | 11.0 |"
     assert "labeled 1/8 of train (46 labeled / 321 unlabeled of 367), seeds 0,1" in text
     assert "evaluation on val (101 images, whole)" in text
+
+
+def test_a_method_short_of_seeds_is_compared_on_the_seeds_it_ran():
+    # seed 1's split is far easier for every method: comparing means over different seeds would credit unimatch
+    runs = {
+        "supervised": {"0": _record(40.0, 40.0, 60, 10.0), "1": _record(50.0, 50.0, 60, 10.0)},
+        "unimatch": {"1": _record(51.0, 50.0, 60, 10.0)},
+        "full": {"0": _record(60.0, 60.0, 60, 10.0), "1": _record(70.0, 70.0, 60, 10.0)},
+    }
+    summary = summarize(runs, ["supervised", "unimatch", "full"])
+    assert summary["unimatch"]["miou_best"]["mean"] == 51.0  # its own mean: seed 1 only
+    assert summary["unimatch"]["delta_best"]["mean"] == 1.0  # paired: 51 - 50, not 51 - 45
+    assert summary["unimatch"]["gap_closed_best"] == 5.0  # (51 - 50) / (70 - 50), not (51 - 45) / (65 - 45) = 30
+    assert summary["full"]["delta_best"] == {"mean": 20.0, "std": 0.0}
 
 
 def test_a_second_bench_into_one_folder_joins_its_table():
