@@ -80,7 +80,10 @@ def describe_model(m) -> str:
     else:
         shape = f"OS{m.output_stride}"
     head = f"{m.head} ({m.head_channels} channels, low-level {m.low_level_channels})"
-    weights = f"; weights {_shown(Path(m.pretrained)) if '/' in m.pretrained else m.pretrained}" if m.pretrained else ""
+    from semiseg.models.pretrained import is_url
+
+    shown = _shown(Path(m.pretrained)) if "/" in m.pretrained and not is_url(m.pretrained) else m.pretrained
+    weights = f"; weights {shown}" if m.pretrained else ""
     return f"{m.backbone} ({shape}) {head}{weights}"
 
 

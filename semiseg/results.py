@@ -40,18 +40,12 @@ def _is_nan(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def format_mean_std(mean: float | None, std: float | None) -> str:
-    """'62.31 ± 0.45'; '62.31' without a std (one seed); 'n/a' without a mean."""
+def format_mean_std(mean: float | None, std: float | None, signed: bool = False) -> str:
+    """'62.31 ± 0.45' ('+1.20 ± 0.45' signed: a difference); no std for one seed; 'n/a' without a mean."""
     if _is_nan(mean):
         return "n/a"
-    return f"{mean:.2f}" if _is_nan(std) else f"{mean:.2f} ± {std:.2f}"
-
-
-def format_delta(mean: float | None, std: float | None) -> str:
-    """'+1.20 ± 0.45' (signed, a paired difference); no std for one seed; 'n/a' without a mean."""
-    if _is_nan(mean):
-        return "n/a"
-    return f"{mean:+.2f}" if _is_nan(std) else f"{mean:+.2f} ± {std:.2f}"
+    value = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return value if _is_nan(std) else f"{value} ± {std:.2f}"
 
 
 def paired_delta(runs: dict[str, dict], name: str, key: str = "miou_best") -> tuple[float, float]:
@@ -85,7 +79,7 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
                 str(s.get("seeds", 0)),
                 format_mean_std(best.get("mean"), best.get("std")),
                 format_mean_std(last.get("mean"), last.get("std")),
-                "-" if name == "supervised" else format_delta(delta.get("mean"), delta.get("std")),
+                "-" if name == "supervised" else format_mean_std(delta.get("mean"), delta.get("std"), signed=True),
                 "n/a" if _is_nan(gap) else f"{gap:.1f}",
                 _format_duration(s.get("train_seconds")),
                 "n/a" if _is_nan(ips) else f"{ips:.1f}",
