@@ -112,11 +112,31 @@ def protocol_lines(results: dict) -> list[str]:
     return lines
 
 
+def seed_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The per-seed table: header [method, seed 0, ...] over the protocol's seeds, and one row per method whose cells
+    read `best (step of the best) / last`, or `-` for a seed the method has not (yet) run."""
+    seeds = [str(s) for s in results["protocol"]["seeds"]]
+    rows = []
+    for name in results["methods"]:
+        runs = results["runs"].get(name, {})
+        cells = []
+        for seed in seeds:
+            r = runs.get(seed)
+            step = "" if r is None or r.get("best_step") is None else f" ({r['best_step']})"
+            cells.append("-" if r is None else f"{r['miou_best']:.2f}{step} / {r['miou_last']:.2f}")
+        rows.append([name, *cells])
+    return ["method", *(f"seed {s}" for s in seeds)], rows
+
+
 def format_markdown(results: dict) -> str:
-    """results.md: the comparison table and the protocol."""
+    """results.md: the comparison table, the per-seed table, the pseudo-label table when any, and the protocol."""
     rows = table_rows(results)
     out = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(TABLE_HEADER) - 1)) + "|"]
     out += ["| " + " | ".join(row) + " |" for row in rows]
+    header, per_seed = seed_rows(results)
+    out += ["", "Per split seed, best mIoU (step of the best) / last mIoU:", ""]
+    out += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    out += ["| " + " | ".join(row) + " |" for row in per_seed]
     out += pseudo_label_lines(results)
     out += ["", "Protocol:", ""] + [f"- {line}" for line in protocol_lines(results)]
     commands = command_list(results["protocol"])

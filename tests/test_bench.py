@@ -127,6 +127,12 @@ def test_summary_and_markdown_table_on_fixed_numbers():
     assert lines[2] == "| supervised | 2 | 41.00 ± 1.41 | 40.00 ± 1.41 | - | 0.0 | 01:10 | 11.0 |"
     assert lines[3] == "| fixmatch | 2 | 46.00 ± 1.41 | 44.00 ± 0.00 | +5.00 ± 0.00 | 50.0 | 02:10 | 21.0 |"
     assert lines[4] == "| full | 2 | 51.00 ± 1.41 | 50.00 ± 0.00 | +10.00 ± 2.83 | 100.0 | 1:00:50 | 11.0 |"
+    i = lines.index("Per split seed, best mIoU (step of the best) / last mIoU:")
+    assert lines[i + 2 : i + 5] == [
+        "| method | seed 0 | seed 1 |",
+        "|---|---:|---:|",
+        "| supervised | 40.00 / 39.00 | 42.00 / 41.00 |",
+    ]
     assert "labeled 1/8 of train (46 labeled / 321 unlabeled of 367), seeds 0,1" in text
     assert "evaluation on val (101 images, whole)" in text
 
@@ -139,6 +145,11 @@ def test_a_method_short_of_seeds_is_compared_on_the_seeds_it_ran():
         "full": {"0": _record(60.0, 60.0, 60, 10.0), "1": _record(70.0, 70.0, 60, 10.0)},
     }
     summary = summarize(runs, ["supervised", "unimatch", "full"])
+    runs["unimatch"]["1"]["best_step"] = 300
+    _, per_seed = results.seed_rows(
+        {"protocol": _protocol(), "methods": ["supervised", "unimatch", "full"], "runs": runs}
+    )
+    assert per_seed[1] == ["unimatch", "-", "51.00 (300) / 50.00"]  # seed 0 not run yet
     assert summary["unimatch"]["miou_best"]["mean"] == 51.0  # its own mean: seed 1 only
     assert summary["unimatch"]["delta_best"]["mean"] == 1.0  # paired: 51 - 50, not 51 - 45
     assert summary["unimatch"]["gap_closed_best"] == 5.0  # (51 - 50) / (70 - 50), not (51 - 45) / (65 - 45) = 30
