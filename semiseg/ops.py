@@ -37,6 +37,26 @@ def label_accuracy(label: torch.Tensor, gt: torch.Tensor, weight: torch.Tensor, 
     return ((label == gt) & sel).sum() / sel.sum().clamp(min=1)
 
 
+def confident_class_counts(
+    conf: torch.Tensor, label: torch.Tensor, gt: torch.Tensor, tau: float, num_classes: int, ignore: int = 255
+) -> torch.Tensor:
+    """Per-class pixel counts (3, K) int64 of pseudo-labels against ground truth; a diagnostic, like label_accuracy.
+
+    conf, label (...) the confidence and class of each pixel's pseudo-label, gt (...) its true class (`ignore` pixels
+    skipped). Rows: [0] ground-truth pixels of class k; [1] of those, confidently (conf >= tau) labeled k; [2] pixels
+    confidently labeled k. Row 1 / row 0 is the share of class k that the unlabeled loss trains towards k (coverage),
+    row 1 / row 2 the precision of the confident labels of k.
+    """
+    known = gt != ignore
+    gt_k, sure = gt[known].long(), conf[known] >= tau
+    pred = label[known].long()
+    counts = torch.zeros(3, num_classes, dtype=torch.int64, device=gt.device)
+    counts[0] = torch.bincount(gt_k, minlength=num_classes)[:num_classes]
+    counts[1] = torch.bincount(gt_k[sure & (pred == gt_k)], minlength=num_classes)[:num_classes]
+    counts[2] = torch.bincount(pred[sure], minlength=num_classes)[:num_classes]
+    return counts
+
+
 def roll(t: torch.Tensor) -> torch.Tensor:
     """The batch rolled by one sample: sample i's CutMix partner is sample i - 1 (train.mix_partner = roll)."""
     return t.roll(1, dims=0)

@@ -3,7 +3,7 @@ import math
 import torch
 
 from semiseg.losses import ce, masked_ce, ohem_ce
-from semiseg.ops import confident, mask_ratio, pseudo_label
+from semiseg.ops import confident, confident_class_counts, mask_ratio, pseudo_label
 
 
 def nll(logit_row, k):
@@ -58,3 +58,17 @@ def test_ohem_keeps_hard_pixels_or_min_kept():
     loss3 = ohem_ce(logits, mask, thresh=0.7, min_kept=3)
     expected3 = (-math.log(p[1]) - math.log(p[2]) - math.log(p[3])) / 3
     assert math.isclose(loss3.item(), expected3, rel_tol=1e-5)
+
+
+def test_confident_class_counts_by_hand():
+    # six pixels, three classes; the last pixel's truth is unknown (255) and must not count anywhere
+    conf = torch.tensor([0.99, 0.96, 0.50, 0.97, 0.99, 0.99])
+    label = torch.tensor([0, 1, 0, 2, 2, 1])
+    gt = torch.tensor([0, 0, 0, 2, 1, 255])
+    counts = confident_class_counts(conf, label, gt, 0.95, 3)
+    assert counts.tolist() == [
+        [3, 1, 1],  # truth: three 0s, one 1, one 2
+        [1, 0, 1],  # confident and right: pixel 0 (class 0), pixel 3 (class 2); pixel 2 is right but unsure
+        [1, 1, 2],  # confident labels among known pixels: 0 -> 0, 1 -> 1, 3 and 4 -> 2
+    ]
+    assert confident_class_counts(conf, label, gt, 0.0, 3)[1].tolist() == [2, 0, 1]  # tau 0: pixel 2 counts too
