@@ -68,8 +68,8 @@ def main() -> None:
             )
     share = next(iter(columns.values()))[0].double()
     share = share / share.sum()
-    print(f"{args.bench_dir}: confident (>= {args.tau}) pseudo-labels of the {args.checkpoint} models on every "
-          f"{args.every}th unlabeled image; coverage % / precision % per class")  # fmt: skip
+    print(f"{args.bench_dir}: confident (>= {args.tau}) pseudo-labels of the {args.checkpoint} models on 1 in "
+          f"{args.every} unlabeled images; coverage % / precision % per class")  # fmt: skip
     print(f"{'class':<12} {'pixels %':>8} | " + " | ".join(f"{c:>17}" for c in columns))
     for k, name in enumerate(classes):
         cells = []
