@@ -1,5 +1,8 @@
 import json
 import math
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -320,6 +323,28 @@ def test_bench_end_to_end_on_another_split(tiny_bench):
     ]
     assert "evaluation on test (3 images, whole)" in (out / "results.md").read_text()
     assert (out / "report.html").is_file()
+
+
+def test_pseudo_label_classes_script_on_a_bench(tiny_bench, capsys, monkeypatch):
+    """benchmarks/pseudo_label_classes.py reads a bench's runs and splits; coverage cannot fall as tau falls."""
+    root, out, _ = tiny_bench
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pseudo_label_classes.py"
+    argv = [str(script), str(out), "--methods", "supervised,fixmatch", "--tau", "0.95,0.0,class_aware", "--every", "1"]
+    monkeypatch.setattr(sys, "argv", argv + ["--data-root", str(root)])
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in lines[1].split("|")[1:]]
+    assert header == [f"{m} s0 {r}" for m in ("supervised", "fixmatch") for r in ("0.95", "0.0", "class_aware")]
+    rows = lines[2:-1]
+    assert len(rows) == 11 and [r.split()[0] for r in rows[:3]] == ["sky", "building", "pole"]
+    assert abs(sum(float(r.split()[1]) for r in rows) - 100) < 0.5  # pixel shares
+    for row in rows:
+        cells = [tuple(map(float, c.split("/"))) for c in row.split("|")[1:]]
+        for run in range(2):
+            high, zero, _ = cells[3 * run : 3 * run + 3]
+            assert zero[0] >= high[0] and all(0 <= v <= 100 for c in cells for v in c)
+    totals = [float(c) for c in lines[-1].split("|")[1:]]
+    assert len(totals) == 6 and totals[1] >= totals[0] and totals[4] >= totals[3]
 
 
 def test_bench_rerun_skips_finished_runs_and_refuses_changed_config(tiny_bench, capsys):
