@@ -5,10 +5,11 @@ usage: python benchmarks/step_speed.py PRESET [--methods A,B] [--variants off,bf
 e.g.   python benchmarks/step_speed.py configs/camvid/bench.yaml --methods supervised,fixmatch,unimatch
        python benchmarks/step_speed.py configs/camvid/bench.yaml --methods unimatch --variants off,bf16,off+cl,bf16+cl
 
-A variant is train.amp (off | bf16 | auto | fp16) plus `+cl` for channels_last. The variants of one method take
-turns step by step (A, B, A, B, ...) from identical weights, so machine load hits them alike: compare the columns of
-one row. Printed: seconds per step (median), training images/s (labeled + unlabeled crops), and each variant's speed
-relative to the first.
+A variant is train.amp (off | bf16 | auto | fp16) plus `+cl` for channels_last and `+compile` for torch.compile of
+the trained networks (as train.compile does; the first steps compile, so give --warmup room). The variants of one
+method take turns step by step (A, B, A, B, ...) from identical weights, so machine load hits them alike: compare the
+columns of one row. Printed: seconds per step (median), training images/s (labeled + unlabeled crops), and each
+variant's speed relative to the first.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 from semiseg.data.batch import Batch, LabeledBatch, UnlabeledBatch  # noqa: E402
 from semiseg.data.datasets import dataset_info  # noqa: E402
 from semiseg.engine.log import cpu_name  # noqa: E402
-from semiseg.engine.loop import Context, amp_dtype  # noqa: E402
+from semiseg.engine.loop import Context, amp_dtype, channels_last  # noqa: E402
 from semiseg.engine.optim import build_optimizer  # noqa: E402
 from semiseg.methods import METHODS, load_config  # noqa: E402
 
@@ -46,9 +47,13 @@ class Runner:
         nets = method.build(cfg, info)
         for name, net in nets.items():
             net.load_state_dict(state[name])
-        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        # as the loop does (engine.loop.channels_last): cfg.train.channels_last is "auto" | "on" | "off", all truthy
+        fmt = torch.channels_last if channels_last(cfg, device) else torch.contiguous_format
         self.nets = {k: v.to(device, memory_format=fmt).train() for k, v in nets.items()}
         self.opts = [build_optimizer(self.nets[n], cfg.optim) for n in method.TRAINED]
+        if cfg.train.compile:
+            for n in method.TRAINED:
+                self.nets[n] = torch.compile(self.nets[n])
         self.dtype = amp_dtype(cfg, device)
         self.gen = torch.Generator().manual_seed(0)
         self.batch = random_batch(cfg, info.num_classes, device, torch.Generator().manual_seed(0))
@@ -73,17 +78,20 @@ class Runner:
 
 
 def variant_overrides(variant: str) -> list[str]:
-    amp, _, layout = variant.partition("+")
-    if layout not in ("", "cl"):
-        raise SystemExit(f"variant {variant!r}: the layout suffix is +cl (channels_last) or nothing")
-    return [f"train.amp={amp}", f"train.channels_last={layout == 'cl'}"]
+    """'bf16+cl+compile' -> the train.amp / channels_last / compile overrides of that variant."""
+    amp, *suffixes = variant.split("+")
+    unknown = set(suffixes) - {"cl", "compile"}
+    if unknown:
+        raise SystemExit(f"variant {variant!r}: suffixes are +cl (channels_last) and +compile, not {sorted(unknown)}")
+    cl = "on" if "cl" in suffixes else "off"
+    return [f"train.amp={amp}", f"train.channels_last={cl}", f"train.compile={'compile' in suffixes}"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("preset")
     p.add_argument("--methods", "--method", default="supervised", help="comma-separated method names")
-    p.add_argument("--variants", default="off,bf16", help="comma-separated train.amp values, +cl for channels_last")
+    p.add_argument("--variants", default="off,bf16", help="train.amp values, +cl channels_last, +compile torch.compile")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
