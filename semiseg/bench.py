@@ -259,12 +259,26 @@ def train_run(name: str, cfg: Config, run_dir: Path, quiet: bool = False, wait: 
         return train(cfg, run_dir, METHODS[cfg.method.name], quiet)
 
 
+def write_tables(out: Path, results: dict) -> None:
+    """Write out/results.json and results.md from `results`, first merging (in place, under a lock on the folder)
+    what another bench sharing the folder wrote since this one read it: without that, the last bench to write
+    would drop the other's finished runs from the table."""
+    from semiseg import atomic
+    from semiseg.engine.checkpoint import json_safe
+
+    with _run_lock(out, lock_name=".results.lock", busy=""):
+        if (out / "results.json").is_file():
+            merge_previous(results, read_results(out))
+        atomic.write_json(out / "results.json", json_safe(results))
+        atomic.write_text(out / "results.md", format_markdown(results))
+
+
 @contextlib.contextmanager
-def _run_lock(run_dir: Path, wait: bool = True):
-    """An exclusive lock on run_dir/.bench.lock (released by the OS if the process dies); yields whether it is
-    held: when another bench holds it, waits for it (wait=True) or yields False at once."""
+def _run_lock(run_dir: Path, wait: bool = True, lock_name: str = ".bench.lock", busy: str = "being trained"):
+    """An exclusive lock on run_dir/lock_name (released by the OS if the process dies); yields whether it is
+    held: when another bench holds it, waits for it (wait=True; says so unless `busy` is empty) or yields False."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".bench.lock", "a") as handle:
+    with open(run_dir / lock_name, "a") as handle:
         try:
             import fcntl
         except ImportError:  # Windows: no lock; benches sharing a folder must not run at once there
@@ -276,7 +290,8 @@ def _run_lock(run_dir: Path, wait: bool = True):
             if not wait:
                 yield False
                 return
-            print(f"bench: {run_dir} is being trained by another bench; waiting for it", flush=True)
+            if busy:
+                print(f"bench: {run_dir} is {busy} by another bench; waiting for it", flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield True
@@ -362,10 +377,8 @@ def run_bench(
     report: bool = True,
 ) -> dict:
     """Train every method and both references for every seed on one protocol; write results.json/.md (+ report)."""
-    from semiseg import atomic
     from semiseg.data.datasets import build_dataset, dataset_info
     from semiseg.data.splits import is_count_or_fraction, make_split
-    from semiseg.engine.checkpoint import json_safe
     from semiseg.engine.evaluate import describe_mode
     from semiseg.engine.log import versions
     from semiseg.engine.loop import total_iters
@@ -493,8 +506,7 @@ def run_bench(
         results["runs"].setdefault(name, {})[str(seed)] = record
         results["summary"] = summarize(results["runs"], results["methods"])
         # Written after every run, so that a long bench can be inspected (and reported) while it goes.
-        atomic.write_json(out / "results.json", json_safe(results))
-        atomic.write_text(out / "results.md", format_markdown(results))
+        write_tables(out, results)
     if report:
         from semiseg.report import write_report
 

@@ -189,6 +189,27 @@ def test_a_second_bench_into_one_folder_joins_its_table():
     assert merge_previous(third, second) == "iters" and third["runs"] == {}  # another protocol: nothing joins
 
 
+def test_benches_sharing_a_folder_keep_each_others_rows(tmp_path):
+    """Bench A read the folder's table before bench B finished BST; A's next write must not drop B's row."""
+
+    def results(methods, runs, command):
+        p = {**_protocol(), "seeds": [0], "command": command}
+        return {"protocol": p, "methods": methods, "runs": runs, "summary": summarize(runs, methods)}
+
+    sup = {"0": _record(50.0, 49.0, 60, 10.0)}
+    a = results(
+        ["supervised", "unimatch", "full"], {"supervised": sup, "unimatch": {"0": _record(52.0, 51.0, 60, 9.0)}}, "A"
+    )
+    b = results(["supervised", "bst", "full"], {"supervised": sup, "bst": {"0": _record(54.0, 53.0, 60, 8.0)}}, "B")
+    bench.write_tables(tmp_path, b)  # B finishes BST after A started
+    bench.write_tables(tmp_path, a)  # A writes after its next run
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert set(on_disk["runs"]) == {"supervised", "unimatch", "bst"}
+    assert on_disk["methods"] == ["supervised", "bst", "unimatch", "full"]
+    assert on_disk["protocol"]["commands"] == ["B", "A"] and a["runs"]["bst"]["0"]["miou_best"] == 54.0
+    assert "| bst | 1 | 54.00 |" in (tmp_path / "results.md").read_text()
+
+
 def test_pseudo_label_table_of_self_training_runs():
     runs = {"supervised": {"0": _record(40.0, 39.0, 60, 10.0)}, "stpp": {"0": _record(45.0, 44.0, 125, 20.0)}}
     teacher = {"reliable": {"miou": 60.0}, "unreliable": {"miou": 41.0}}
