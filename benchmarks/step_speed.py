@@ -6,10 +6,10 @@ e.g.   python benchmarks/step_speed.py configs/camvid/bench.yaml --methods super
        python benchmarks/step_speed.py configs/camvid/bench.yaml --methods unimatch --variants off,bf16,off+cl,bf16+cl
 
 A variant is train.amp (off | bf16 | auto | fp16) plus `+cl` for channels_last and `+compile` for torch.compile of
-the trained networks (as train.compile does; the first steps compile, so give --warmup room). The variants of one
-method take turns step by step (A, B, A, B, ...) from identical weights, so machine load hits them alike: compare the
-columns of one row. Printed: seconds per step (median), training images/s (labeled + unlabeled crops), and each
-variant's speed relative to the first.
+the trained networks' encoders (as train.compile does; the first steps compile, so give --warmup room). The variants
+of one method take turns step by step (A, B, A, B, ...) from identical weights, so machine load hits them alike:
+compare the columns of one row. Printed: seconds per step (median), training images/s (labeled + unlabeled crops),
+and each variant's speed relative to the first.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from semiseg.data.batch import Batch, LabeledBatch, UnlabeledBatch  # noqa: E402
 from semiseg.data.datasets import dataset_info  # noqa: E402
 from semiseg.engine.log import cpu_name  # noqa: E402
-from semiseg.engine.loop import Context, amp_dtype, channels_last  # noqa: E402
+from semiseg.engine.loop import Context, amp_dtype, channels_last, compile_encoders  # noqa: E402
 from semiseg.engine.optim import build_optimizer  # noqa: E402
 from semiseg.methods import METHODS, load_config  # noqa: E402
 
@@ -52,8 +52,7 @@ class Runner:
         self.nets = {k: v.to(device, memory_format=fmt).train() for k, v in nets.items()}
         self.opts = [build_optimizer(self.nets[n], cfg.optim) for n in method.TRAINED]
         if cfg.train.compile:
-            for n in method.TRAINED:
-                self.nets[n] = torch.compile(self.nets[n])
+            compile_encoders(self.nets, method.TRAINED)
         self.dtype = amp_dtype(cfg, device)
         self.gen = torch.Generator().manual_seed(0)
         self.batch = random_batch(cfg, info.num_classes, device, torch.Generator().manual_seed(0))

@@ -177,10 +177,10 @@ class TrainConfig:
     """mixed precision: auto (CUDA: bf16 if supported, else fp16; CPU: bf16 where native, AVX512-BF16 / AMX, else
     off) | bf16 | fp16 (CUDA only) | off"""
     channels_last: str = "auto"
-    """channels_last memory format: auto (on CUDA, where tensor-core convolutions want it; off on CPU, where it made
-    a ResNet-50 DeepLabV3+ 4x slower) | on | off"""
+    """channels_last memory format: auto (on CUDA, where tensor-core convolutions want it; off on CPU, where its
+    effect depends on the model and shapes: README, training speed) | on | off"""
     compile: bool = False
-    """torch.compile the trained networks"""
+    """torch.compile the trained networks' encoders (engine.loop.compile_encoders)"""
     log_every: int = 20
     """steps between progress lines"""
     ckpt_every: int = 0

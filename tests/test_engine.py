@@ -9,7 +9,7 @@ from torch import nn
 from semiseg import config as C
 from semiseg.engine import checkpoint
 from semiseg.engine.ema import ema_update, mean_teacher_keep
-from semiseg.engine.loop import StepOut, TrainData, fit, snapshot_name, snapshot_steps
+from semiseg.engine.loop import StepOut, TrainData, compile_encoders, fit, snapshot_name, snapshot_steps
 from semiseg.engine.optim import build_optimizer, param_groups, poly_lr, set_lr
 from semiseg.engine.run import TrainStage, WorkStage, train
 from semiseg.errors import CheckpointError, TrainingError
@@ -352,3 +352,19 @@ def test_per_epoch_evaluation_follows_the_fits_own_list(tmp_path, tiny_overrides
     assert [r["step"] for r in rows if "val/model/miou" in r] == [4, 8]
     with pytest.raises(C.ConfigError, match="per_epoch"):
         load_config(None, ["eval.per_epoch=true", "eval.every=100"])
+
+
+def test_compile_encoders_compiles_the_backbone_in_place(tiny_overrides):
+    """train.compile: the encoder every forward path uses, in place (keys unchanged); a net without one, whole."""
+    from semiseg.data.datasets import dataset_info
+    from semiseg.methods import METHODS
+
+    cfg = load_config("configs/demo.yaml", tiny_overrides + ["model.pretrained=", "method.name=unimatch"])
+    nets = METHODS["unimatch"].build(cfg, dataset_info(cfg.data))
+    nets["plain"] = nn.Sequential(nn.Conv2d(3, 4, 1))
+    keys = {k: list(v.state_dict()) for k, v in nets.items()}
+    compile_encoders(nets, ("model", "plain"))
+    model = nets["model"]
+    assert model.backbone._compiled_call_impl is not None and model._compiled_call_impl is None
+    assert model.head._compiled_call_impl is None and nets["plain"]._compiled_call_impl is not None
+    assert {k: list(v.state_dict()) for k, v in nets.items()} == keys

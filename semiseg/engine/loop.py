@@ -274,11 +274,24 @@ def _save_last(state: _State, path: Path, cfg: Config, seconds: float, saver: ch
     dist.barrier()
 
 
+def compile_encoders(nets: dict[str, nn.Module], names) -> None:
+    """torch.compile, in place, the encoder (`.backbone`) of each named net, else the whole net.
+
+    The encoder is the one module every forward path of a method goes through (forward, UniMatch's forward_fp, the
+    feature paths of DSSN and CTT) and carries most of the compute. Compiling the whole net wrapped only its
+    forward, and with UniMatch (eager forward_fp beside compiled forward on the same BatchNorm layers) backward
+    failed on torch 2.13 ("modified by an inplace operation"). In place: state-dict keys do not change.
+    """
+    for name in names:
+        net = nets[name]
+        target = getattr(net, "backbone", None)
+        (target if isinstance(target, nn.Module) else net).compile()
+
+
 def _wrap_for_training(nets: dict[str, nn.Module], method, cfg: Config, device: torch.device) -> None:
-    """torch.compile (train.compile) and DistributedDataParallel (under torchrun) around the trained nets."""
+    """torch.compile of the trained nets' encoders (train.compile) and DistributedDataParallel (under torchrun)."""
     if cfg.train.compile:
-        for name in method.TRAINED:
-            nets[name] = torch.compile(nets[name])
+        compile_encoders(nets, method.TRAINED)
     if dist.world_size() > 1:
         find_unused = getattr(method, "DDP_FIND_UNUSED", False)
         for name in method.TRAINED:
