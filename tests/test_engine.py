@@ -1,5 +1,6 @@
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -141,8 +142,15 @@ class NanMethod:
         return out
 
 
-def test_non_finite_loss_stops_with_loss_dict_and_keeps_checkpoint(tmp_path, tiny_overrides):
+def test_non_finite_loss_stops_with_loss_dict_and_keeps_checkpoint(tmp_path, tiny_overrides, monkeypatch):
     cfg = load_config(None, tiny_overrides + ["train.iters=5", "train.ckpt_every=1"])
+    real_save = checkpoint.save
+
+    def slow_save(path, state):  # a slow disk: the error must not leave fit() before the last good save is on disk
+        time.sleep(0.5)
+        real_save(path, state)
+
+    monkeypatch.setattr(checkpoint, "save", slow_save)
     with pytest.raises(TrainingError) as e:
         fit(cfg, tmp_path / "run", NanMethod, quiet=True)
     msg = str(e.value)

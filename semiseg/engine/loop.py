@@ -479,34 +479,40 @@ def fit(
         net.train()
 
     last_eval: dict = {}
-    while state.step < iters:
-        if stop_after is not None and steps_this_call >= stop_after:
-            break
-        t0 = time.perf_counter()
-        lr = poly_lr(cfg.optim.lr, state.step, iters, cfg.optim.poly_power, cfg.optim.warmup_iters)
-        for opt in state.optimizers.values():
-            set_lr(opt, lr, cfg.optim)
-        ctx = Context(state.step, iters, gen, info, device, cfg, data.tags)
-        step_logs, data_time = _train_step(state, method, streams, ctx, dtype, last_path)
-        state.step += 1
-        steps_this_call += 1
-        step = state.step
-        meter.add(step_logs, data_time, time.perf_counter() - t0)
+    try:
+        while state.step < iters:
+            if stop_after is not None and steps_this_call >= stop_after:
+                break
+            t0 = time.perf_counter()
+            lr = poly_lr(cfg.optim.lr, state.step, iters, cfg.optim.poly_power, cfg.optim.warmup_iters)
+            for opt in state.optimizers.values():
+                set_lr(opt, lr, cfg.optim)
+            ctx = Context(state.step, iters, gen, info, device, cfg, data.tags)
+            step_logs, data_time = _train_step(state, method, streams, ctx, dtype, last_path)
+            state.step += 1
+            steps_this_call += 1
+            step = state.step
+            meter.add(step_logs, data_time, time.perf_counter() - t0)
 
-        if step % cfg.train.log_every == 0 or step == iters:
-            its, wait = meter.timing()
-            values = meter.read()
-            log.info(progress_line(step, iters, its, wait, values, lr))
-            log.metrics(step, {**values, "train/lr": lr, "train/its": its, "train/data_wait": wait})
-        do_eval = val_set is not None and ((eval_every > 0 and step % eval_every == 0) or step == iters)
-        if do_eval:
-            last_eval = _evaluate(state, method, val_set, cfg, info, device, dtype, log, run_dir)
-        if dist.is_main():
-            for k in [k for k, at in snapshot_at if at == step]:
-                meta = export_meta(cfg, info, "model", step, snapshot=k)
-                checkpoint.export_model(run_dir / snapshot_name(k), state.nets["model"], meta)
-        if (do_eval or (ckpt_every > 0 and step % ckpt_every == 0)) and step < iters:
-            _save_last(state, last_path, cfg, state.seconds + time.perf_counter() - t_start, saver)
+            if step % cfg.train.log_every == 0 or step == iters:
+                its, wait = meter.timing()
+                values = meter.read()
+                log.info(progress_line(step, iters, its, wait, values, lr))
+                log.metrics(step, {**values, "train/lr": lr, "train/its": its, "train/data_wait": wait})
+            do_eval = val_set is not None and ((eval_every > 0 and step % eval_every == 0) or step == iters)
+            if do_eval:
+                last_eval = _evaluate(state, method, val_set, cfg, info, device, dtype, log, run_dir)
+            if dist.is_main():
+                for k in [k for k, at in snapshot_at if at == step]:
+                    meta = export_meta(cfg, info, "model", step, snapshot=k)
+                    checkpoint.export_model(run_dir / snapshot_name(k), state.nets["model"], meta)
+            if (do_eval or (ckpt_every > 0 and step % ckpt_every == 0)) and step < iters:
+                _save_last(state, last_path, cfg, state.seconds + time.perf_counter() - t_start, saver)
+    except BaseException:
+        # e.g. a non-finite loss: the last good checkpoint is complete on disk before the error leaves fit()
+        with contextlib.suppress(Exception):
+            saver.wait()
+        raise
 
     train_seconds = state.seconds + time.perf_counter() - t_start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
@@ -526,7 +532,6 @@ def fit(
         summary = json.loads((run_dir / "results.json").read_text())
         last_eval = summary.get("last") or {}
         best = summary.get("best") or best
-    saver.wait()
     saver.wait()
     log.close()
     for s in streams:
