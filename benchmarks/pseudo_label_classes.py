@@ -33,8 +33,9 @@ from semiseg.methods import METHODS  # noqa: E402
 from semiseg.ops import class_aware_selection, confident_class_counts  # noqa: E402
 
 
-def run_counts(export: Path, unlabeled: Path, rules: list[str], every: int, overrides: list[str]):
-    """(class names, {rule: (3, K) counts of ops.confident_class_counts summed over the images}) for one run."""
+def run_counts(export: Path, unlabeled: Path, rules: dict[str, float | None], every: int, overrides: list[str]):
+    """(class names, {rule: (3, K) counts of ops.confident_class_counts summed over the images}) for one run;
+    rules: name -> threshold, None for class_aware."""
     cfg, model, info = load_export(export, METHODS, overrides)
     data = build_dataset(cfg.data, str(unlabeled))
     counts = {rule: torch.zeros(3, info.num_classes, dtype=torch.int64) for rule in rules}
@@ -45,12 +46,12 @@ def run_counts(export: Path, unlabeled: Path, rules: list[str], every: int, over
             prob = predict_whole(model, to_unit(image)).softmax(1)
             conf, label = prob[0].max(0)
             gt = torch.from_numpy(sample.mask.copy())
-            for rule in rules:
-                if rule == "class_aware":  # the selection as a 0/1 confidence, cut at 0.5
+            for rule, tau in rules.items():
+                if tau is None:  # class_aware: the selection as a 0/1 confidence, cut at 0.5
                     kept = class_aware_selection(prob)[0].float()
                     counts[rule] += confident_class_counts(kept, label, gt, 0.5, info.num_classes)
                 else:
-                    counts[rule] += confident_class_counts(conf, label, gt, float(rule), info.num_classes)
+                    counts[rule] += confident_class_counts(conf, label, gt, tau, info.num_classes)
     return info.classes, counts
 
 
@@ -66,11 +67,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     overrides = [f"data.root={args.data_root}"] if args.data_root else []
-    rules = args.tau.split(",")
-    for rule in rules:
+    rules: dict[str, float | None] = {}
+    for rule in args.tau.split(","):
         try:
-            if rule != "class_aware":
-                float(rule)
+            rules[rule] = None if rule == "class_aware" else float(rule)
         except ValueError:
             p.error(f"--tau: {rule!r} is neither a threshold nor class_aware")
 
