@@ -158,6 +158,12 @@ def test_non_finite_loss_stops_with_loss_dict_and_keeps_checkpoint(tmp_path, tin
     state = checkpoint.load(tmp_path / "run" / "last.pt")
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["nets"]["model"].values() if v.is_floating_point())
+    # the run's log says why it stopped, and the failed run's log handler is gone: a next fit in this process (a
+    # bench's next run) does not write into the failed run's log
+    failed_log = (tmp_path / "run" / "log.txt").read_text()
+    assert "stopped at step 2: TrainingError: non-finite loss" in failed_log
+    fit(load_config(None, tiny_overrides + ["train.iters=1"]), tmp_path / "next", supervised, quiet=True)
+    assert (tmp_path / "run" / "log.txt").read_text() == failed_log
 
 
 def test_normalisation_travels_with_the_export(tmp_path, tiny_overrides):

@@ -414,6 +414,14 @@ def _finish(state: _State, method, cfg: Config, info, run_dir: Path, last_eval: 
     )
 
 
+def _close(log: RunLog, streams) -> None:
+    """Close the run's log files (and its handler on the `semiseg` logger) and its loader streams."""
+    log.close()
+    for s in streams:
+        if s is not None:
+            s.close()
+
+
 def fit(
     cfg: Config,
     run_dir: str | Path,
@@ -508,10 +516,16 @@ def fit(
                     checkpoint.export_model(run_dir / snapshot_name(k), state.nets["model"], meta)
             if (do_eval or (ckpt_every > 0 and step % ckpt_every == 0)) and step < iters:
                 _save_last(state, last_path, cfg, state.seconds + time.perf_counter() - t_start, saver)
-    except BaseException:
-        # e.g. a non-finite loss: the last good checkpoint is complete on disk before the error leaves fit()
+    except BaseException as e:
+        # e.g. a non-finite loss: the last good checkpoint is complete on disk before the error leaves fit(), the
+        # run's log says why it stopped, and the next fit in this process (a bench's next run) neither logs into this
+        # run's files nor inherits its loader workers
         with contextlib.suppress(Exception):
             saver.wait()
+        with contextlib.suppress(Exception):
+            log.info(f"stopped at step {state.step}: {type(e).__name__}: {e}", console=False)
+        with contextlib.suppress(Exception):
+            _close(log, streams)
         raise
 
     train_seconds = state.seconds + time.perf_counter() - t_start
@@ -533,9 +547,6 @@ def fit(
         last_eval = summary.get("last") or {}
         best = summary.get("best") or best
     saver.wait()
-    log.close()
-    for s in streams:
-        if s is not None:
-            s.close()
+    _close(log, streams)
     plain = {n: checkpoint.unwrap(v.module if isinstance(v, dist.DDPNet) else v) for n, v in state.nets.items()}
     return FitResult(run_dir, best, last_eval, train_seconds, result_imgs, plain, peak)
